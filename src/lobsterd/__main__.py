@@ -1,0 +1,3 @@
+from lobsterd.cli.main import main
+
+main()

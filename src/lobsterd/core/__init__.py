@@ -1,0 +1,1 @@
+"""Pure logic: no I/O here, so everything is unit-tested without root."""
