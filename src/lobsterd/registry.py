@@ -8,6 +8,7 @@ back a stale copy of the whole registry. Secrets never live here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -121,10 +122,8 @@ class Registry:
                 f"registry {self.path} is unreadable: {exc}",
                 hint="restore it from a backup; lobsterd will not overwrite it",
             ) from None
-        try:
+        with contextlib.suppress(OSError):
             self.path.chmod(0o600)
-        except OSError:
-            pass
         return db
 
     def close(self) -> None:

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 
 from lobsterd.errors import LobsterError
 
+
+class InjectedFault(LobsterError):
+    """Raised by a StepRunner built with ``fault_after``: tests prove each undo path."""
+
+    code = "INJECTED_FAULT"
+
 Progress = Callable[[str, str, float | None], None]
 """progress(step, detail, seconds_or_None): called before (None) and after each step."""
 
@@ -26,6 +32,7 @@ def no_progress(step: str, detail: str, seconds: float | None) -> None:
 @dataclass
 class StepRunner:
     progress: Progress = no_progress
+    fault_after: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     _undo: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     undo_errors: list[str] = field(default_factory=list)
@@ -45,6 +52,8 @@ class StepRunner:
         if undo is not None:
             self._undo.append((name, undo))
         self.progress(name, detail, elapsed)
+        if self.fault_after == name:
+            raise InjectedFault(f"fault injected after step {name}")
         return result
 
     def rollback(self) -> tuple[int, int]:
