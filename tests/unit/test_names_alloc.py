@@ -19,7 +19,7 @@ def test_valid_names(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     ["", "Demo", "1abc", "-abc", "abc-", "a.b", "a b", "a_b", "a" * 64, "tënant", "ab\n",
-     "demo\x00", "ａｂｃ"],
+     "demo\x00", "\uff41\uff42\uff43"],
 )
 def test_invalid_names(name: str) -> None:
     with pytest.raises(ValidationFailed) as exc:
@@ -49,7 +49,8 @@ def test_interface_names_fit_for_any_slot() -> None:
 def test_slot_addresses() -> None:
     pool = alloc.parse_pool("10.200.0.0/16")
     a = alloc.slot_addresses(pool, 1)
-    assert (str(a.host_ip), str(a.guest_ip), str(a.network)) == ("10.200.0.5", "10.200.0.6", "10.200.0.4/30")
+    got = (str(a.host_ip), str(a.guest_ip), str(a.network))
+    assert got == ("10.200.0.5", "10.200.0.6", "10.200.0.4/30")
     last = alloc.slot_addresses(pool, alloc.max_slot(pool))
     assert str(last.guest_ip) == "10.200.255.254"
     with pytest.raises(ValidationFailed):
