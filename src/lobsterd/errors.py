@@ -152,6 +152,12 @@ class MasterKeyError(LobsterError):
     code = "MASTER_KEY_ERROR"
 
 
+class DecryptionFailed(LobsterError):
+    """Encrypted data failed authentication: modified, truncated, moved or wrong key."""
+
+    code = "DECRYPTION_FAILED"
+
+
 class AuditError(LobsterError):
     code = "AUDIT_ERROR"
 
