@@ -136,6 +136,12 @@ class CaddyApiError(LobsterError):
     http_status = 502
 
 
+class CaError(LobsterError):
+    """The host certificate authority is missing, unreadable or inconsistent."""
+
+    code = "CA_ERROR"
+
+
 class StorageError(LobsterError):
     code = "STORAGE_ERROR"
 
