@@ -197,3 +197,79 @@ def test_custom_binary() -> None:
     argv = build_qemu_argv(spec(), tap_fd=9, qmp_path=RUN / "q", pidfile=RUN / "p",
                            console_log=None, binary="/usr/local/bin/qemu-system-x86_64")
     assert argv[0] == "/usr/local/bin/qemu-system-x86_64"
+
+
+# --- accelerator choice (adapters/kvm.py), against fabricated /dev, /sys and /proc ----------
+
+
+def fake_host(root: Path, *, kvm: bool, modules: tuple[str, ...], mhz: str | None) -> Path:
+    (root / "dev").mkdir()
+    (root / "sys" / "module").mkdir(parents=True)
+    (root / "proc").mkdir()
+    if kvm:
+        (root / "dev" / "kvm").touch()
+    lines = [f"{m} 16384 0 - Live 0x0000000000000000" for m in modules]
+    (root / "proc" / "modules").write_text("\n".join(lines) + "\n")
+    if mhz is not None:
+        (root / "proc" / "cpuinfo").write_text(
+            f"processor\t: 0\nmodel name\t: Some CPU\ncpu MHz\t\t: {mhz}\ncache size\t: 1 KB\n")
+    return root
+
+
+def accel(root: Path, pref: str) -> tuple[str, str]:
+    from lobsterd.adapters.kvm import detect_accel
+
+    return detect_accel(pref, dev_root=root / "dev", sys_root=root / "sys",
+                        proc_root=root / "proc", open_device=False)
+
+
+def test_accel_pvm_host_falls_back(tmp_path: Path) -> None:
+    from lobsterd.errors import VmmError
+
+    root = fake_host(tmp_path, kvm=True, modules=("kvm", "kvm_pvm"), mhz="2445.402")
+    got, reason = accel(root, "auto")
+    assert got == "tcg" and "kvm_pvm" in reason
+    with pytest.raises(VmmError, match="kvm_pvm"):
+        accel(root, "kvm")
+    assert accel(root, "tcg")[0] == "tcg"
+
+
+def test_accel_pvm_seen_through_sys_module(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, kvm=True, modules=(), mhz=None)
+    (root / "sys" / "module" / "kvm_pvm").mkdir()
+    assert accel(root, "auto")[0] == "tcg"
+
+
+def test_accel_no_dev_kvm(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, kvm=False, modules=("kvm_intel", "kvm"), mhz=None)
+    got, reason = accel(root, "auto")
+    assert got == "tcg" and "/dev/kvm" in reason
+
+
+def test_accel_good_kvm(tmp_path: Path) -> None:
+    root = fake_host(tmp_path, kvm=True, modules=("kvm_intel", "kvm"), mhz=None)
+    assert accel(root, "auto")[0] == "kvm"
+    assert accel(root, "kvm")[0] == "kvm"
+
+
+def test_accel_bad_preference(tmp_path: Path) -> None:
+    from lobsterd.errors import ConfigInvalid
+
+    with pytest.raises(ConfigInvalid):
+        accel(fake_host(tmp_path, kvm=False, modules=(), mhz=None), "hvf")
+
+
+def test_host_tsc_khz(tmp_path: Path) -> None:
+    from lobsterd.adapters.kvm import host_tsc_khz
+    from lobsterd.errors import VmmError
+
+    root = fake_host(tmp_path, kvm=False, modules=(), mhz="2445.402")
+    assert host_tsc_khz(proc_root=root / "proc", sys_root=root / "sys") == 2_445_402
+    exact = root / "sys" / "devices" / "system" / "cpu" / "cpu0"
+    exact.mkdir(parents=True)
+    (exact / "tsc_freq_khz").write_text("2300000\n")
+    assert host_tsc_khz(proc_root=root / "proc", sys_root=root / "sys") == 2_300_000
+    (exact / "tsc_freq_khz").unlink()
+    (root / "proc" / "cpuinfo").write_text("processor\t: 0\n")
+    with pytest.raises(VmmError, match="tsc_khz"):
+        host_tsc_khz(proc_root=root / "proc", sys_root=root / "sys")
