@@ -95,10 +95,11 @@ def _now() -> str:
 def validate_secret_name(name: str) -> str:
     """Return ``name`` if an operator may set it, else raise ValidationFailed."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        shown = name[:40] if isinstance(name, str) and name.isprintable() else "(unprintable)"
+        # The rejected text is not echoed: a value pasted where the name belongs is a
+        # secret, and this message ends up on terminals and in logs.
         raise ValidationFailed(
-            f'invalid secret name "{shown}": must be 1-64 characters of A-Z, 0-9 and _, '
-            "starting with a letter (it becomes an environment variable in the guest)"
+            "invalid secret name: it must be 1-64 characters of A-Z, 0-9 and _, starting "
+            "with a letter (it becomes an environment variable in the guest)"
         )
     if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIXES):
         raise ValidationFailed(
