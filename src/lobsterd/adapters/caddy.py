@@ -1,0 +1,701 @@
+"""Caddy, owned by lobsterd: its supervisor and its admin API client.
+
+The admin API listens only on a Unix socket inside ``<run_dir>/caddy/`` (0700 root, or
+0770 root:caddy when Caddy runs as the ``caddy`` user), so the file system decides who
+may rewrite routes: root and Caddy itself, no other local user.
+
+Caddy boots from ``<config_dir>/caddy.json`` — the base config lobsterd writes — so a
+Caddy restart (crash, reboot) comes back with the ``lobster`` server and its 404
+catch-all; lobsterd's reconcile then re-adds exactly the live tenants' routes.
+
+Route changes are read-modify-write of the whole route list (one ``PATCH``, so Caddy
+reloads once and never sees half a change), serialised across lobsterd processes by an
+``flock`` next to the socket. Caddy 2.6 accepts duplicate ``@id``s without complaint, so
+the no-duplicates rule is enforced here, by construction of the list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from lobsterd.adapters import proc
+from lobsterd.config import Config
+from lobsterd.core import caddy_config as cc
+from lobsterd.errors import CaddyApiError, ConfigInvalid, ExecFailed
+
+UNIT_NAME = "lobsterd-caddy.service"
+UNIT_DIR = Path("/etc/systemd/system")
+_ERROR_TEXT_MAX = 300
+_BASE_URL = "http://caddy-admin"
+
+
+def _caddy_message(resp: httpx.Response) -> str:
+    """Caddy's own error text (its JSON ``error`` field when present), one line."""
+    text = resp.text.strip()
+    with contextlib.suppress(ValueError):
+        body = json.loads(text)
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            text = body["error"]
+    text = " ".join(text.split())
+    return text[:_ERROR_TEXT_MAX] or "(empty reply)"
+
+
+@dataclass(frozen=True)
+class RouteReconcile:
+    """What :meth:`CaddyAdmin.reconcile_routes` changed (tenant names)."""
+
+    added: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    foreign_removed: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.replaced or self.removed or self.foreign_removed)
+
+
+class CaddyAdmin:
+    """HTTP over the admin Unix socket (httpx), with an empty ``Host`` header.
+
+    Caddy 2.6 rejects ``Host: localhost`` (403) and a missing Host (400) on a Unix
+    socket admin listener; an empty one is what it accepts.
+    """
+
+    def __init__(self, socket_path: Path, *, timeout_s: float = 30.0) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout_s = timeout_s
+
+    # -- transport ---------------------------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> httpx.Response:
+        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        content = None if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Host": ""}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            with httpx.Client(
+                transport=transport,
+                base_url=_BASE_URL,
+                timeout=timeout_s or self.timeout_s,
+            ) as client:
+                resp = client.request(method, path, content=content, headers=headers)
+        except (httpx.TransportError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise CaddyApiError(
+                f"Caddy API {method} {path} failed (no connection): "
+                f"cannot reach the admin socket {self.socket_path}: {reason}",
+                hint="is Caddy running? lobsterd init starts it",
+            ) from None
+        if not 200 <= resp.status_code < 300:
+            raise CaddyApiError(
+                f"Caddy API {method} {path} failed ({resp.status_code}): {_caddy_message(resp)}"
+            )
+        return resp
+
+    def _json(self, method: str, path: str, body: Any = None) -> Any:
+        resp = self._request(method, path, body)
+        text = resp.text.strip()
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise CaddyApiError(
+                f"Caddy API {method} {path} returned invalid JSON: {text[:80]!r}"
+            ) from None
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """One route writer at a time across lobsterd processes (the kernel drops the
+        lock if its holder dies, so a crash never wedges later writers)."""
+        lock_dir = self.socket_path.parent
+        try:
+            fd = os.open(lock_dir / "routes.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CaddyApiError(
+                f"cannot lock Caddy's routes in {lock_dir}: {exc.strerror}",
+                hint="is Caddy running? lobsterd init starts it",
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- API ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise :class:`CaddyApiError` unless the admin API answers."""
+        self._request("GET", "/config/", timeout_s=min(self.timeout_s, 5.0))
+
+    def is_up(self) -> bool:
+        try:
+            self.ping()
+        except CaddyApiError:
+            return False
+        return True
+
+    def load(self, config: Mapping[str, Any]) -> None:
+        """Replace Caddy's whole config (``POST /load``)."""
+        self._request("POST", "/load", dict(config))
+
+    def get_config(self, path: str = "") -> Any:
+        return self._json("GET", "/config/" + path.lstrip("/"))
+
+    def get_routes(self) -> list[dict[str, Any]]:
+        """The ``lobster`` server's routes, in order."""
+        routes = self._json("GET", cc.ROUTES_PATH)
+        if routes is None:
+            return []
+        if not isinstance(routes, list):
+            raise CaddyApiError(f"Caddy API GET {cc.ROUTES_PATH} returned a non-list")
+        return [r for r in routes if isinstance(r, dict)]
+
+    def _set_routes(self, routes: Sequence[Mapping[str, Any]]) -> None:
+        ids = [r.get("@id") for r in routes if r.get("@id") is not None]
+        if len(ids) != len(set(ids)):  # pragma: no cover - guarded by construction
+            raise CaddyApiError("refusing to send Caddy a route list with duplicate @id")
+        self._request("PATCH", cc.ROUTES_PATH, [dict(r) for r in routes])
+
+    def put_tenant_routes(self, tenant: str, routes: Sequence[Mapping[str, Any]]) -> bool:
+        """Install ``tenant``'s routes, replacing any with the same ids; True if changed."""
+        with self._write_lock():
+            current = self.get_routes()
+            new = cc.with_tenant_routes(current, tenant, routes)
+            if new == current:
+                return False
+            self._set_routes(new)
+            return True
+
+    def delete_tenant_routes(self, tenant: str) -> bool:
+        """Remove ``tenant``'s routes; a tenant without routes is fine. True if changed."""
+        with self._write_lock():
+            current = self.get_routes()
+            new = cc.without_tenant_routes(current, tenant)
+            if new == current:
+                return False
+            self._set_routes(new)
+            return True
+
+    def reconcile_routes(
+        self, desired: Mapping[str, Sequence[Mapping[str, Any]]]
+    ) -> RouteReconcile:
+        """Make the route list exactly ``desired`` (+ the catch-all): add missing,
+        replace changed, drop routes of tenants not in ``desired`` and foreign routes."""
+        with self._write_lock():
+            current = self.get_routes()
+            have = cc.routes_by_tenant(current)
+            want = {t: [dict(r) for r in rs] for t, rs in desired.items()}
+            foreign = [
+                r for r in current if cc.tenant_of_route(r) is None and not cc.is_fallback(r)
+            ]
+            fallback_ok = (
+                bool(current)
+                and cc.is_fallback(current[-1])
+                and current[-1] == cc.fallback_route()
+                and sum(cc.is_fallback(r) for r in current) == 1
+            )
+            result = RouteReconcile(
+                added=sorted(t for t in want if t not in have),
+                replaced=sorted(t for t in want if t in have and have[t] != want[t]),
+                removed=sorted(t for t in have if t not in want),
+                foreign_removed=len(foreign),
+            )
+            if result.changed or not fallback_ok:
+                self._set_routes(cc.desired_route_list(want))
+            return result
+
+
+# -- supervisor ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaddyStatus:
+    mode: Literal["systemd", "process"]
+    running: bool
+    admin_ok: bool
+    pid: int | None
+    config_file: Path
+    admin_socket: Path
+
+
+def systemd_is_pid1() -> bool:
+    """sd_booted(): systemd creates this directory early at boot, nothing else does."""
+    return Path("/run/systemd/system").is_dir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not running.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _traversable_by(path: Path, uid: int, gids: set[int]) -> bool:
+    st = path.stat()
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o100)
+    if st.st_gid in gids:
+        return bool(st.st_mode & 0o010)
+    return bool(st.st_mode & 0o001)
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    """``chown -R`` without following symlinks; touches only entries that differ."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [".", *dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.lchown(p, uid, gid)
+
+
+class CaddySupervisor:
+    """Keeps one Caddy running with lobsterd's base config.
+
+    With systemd as PID 1 it installs and enables ``lobsterd-caddy.service``; otherwise
+    it starts ``caddy run`` itself, detached, with a pid file in ``<run_dir>/caddy``.
+    Caddy runs as ``user`` (default ``caddy``, when that account exists and we are
+    root) with only CAP_NET_BIND_SERVICE; else as the current user.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        user: str | None = "caddy",
+        bind_host: str = "",
+        use_systemd: bool | None = None,
+        start_timeout_s: float = 15.0,
+    ) -> None:
+        self.cfg = cfg
+        self.bind_host = bind_host
+        self.use_systemd = systemd_is_pid1() if use_systemd is None else use_systemd
+        self.start_timeout_s = start_timeout_s
+        self.account: pwd.struct_passwd | None = None
+        if user and os.geteuid() == 0:
+            with contextlib.suppress(KeyError):
+                self.account = pwd.getpwnam(user)
+
+    # -- paths -------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.paths.run_dir / "caddy"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.run_dir / "admin.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "caddy.pid"
+
+    @property
+    def config_file(self) -> Path:
+        return self.cfg.paths.config_dir / "caddy.json"
+
+    @property
+    def state_dir(self) -> Path:
+        """Caddy's own data: certificate storage, home, logs."""
+        return self.cfg.paths.state_dir / "caddy"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.state_dir / "home"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "caddy.log"
+
+    @property
+    def output_file(self) -> Path:
+        """stdout/stderr of a Caddy we started (start-up errors before logging is set)."""
+        return self.state_dir / "caddy.out"
+
+    @property
+    def unit_file(self) -> Path:
+        return UNIT_DIR / UNIT_NAME
+
+    def admin(self) -> CaddyAdmin:
+        return CaddyAdmin(self.admin_socket)
+
+    def base_config(self) -> dict[str, Any]:
+        c = self.cfg.caddy
+        return cc.base_config(
+            admin_socket=self.admin_socket,
+            domain=c.domain,
+            tls_mode=c.tls,
+            cert_file=c.cert_file,
+            key_file=c.key_file,
+            http_port=c.http_port,
+            https_port=c.https_port,
+            storage_dir=self.storage_dir,
+            bind_host=self.bind_host,
+            log_file=self.log_file,
+        )
+
+    def _binary(self) -> str:
+        found = shutil.which(self.cfg.caddy.binary)
+        if found is None:
+            raise ExecFailed(
+                f"Caddy binary {self.cfg.caddy.binary!r} not found",
+                hint="install Caddy (apt-get install caddy) or set caddy.binary",
+            )
+        return found
+
+    # -- preparation -------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Directories, modes and the on-disk base config (idempotent)."""
+        acct = self.account
+        uid = acct.pw_uid if acct else os.geteuid()
+        gid = acct.pw_gid if acct else os.getegid()
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if acct:
+            # Caddy must create its socket here; no one else but root gets in.
+            os.chown(self.run_dir, 0, gid)
+            os.chmod(self.run_dir, 0o770)  # noqa: S103 - group is caddy's own, others get nothing
+        else:
+            os.chmod(self.run_dir, 0o700)
+        for d in (self.state_dir, self.storage_dir, self.home_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, 0o700)
+        if acct:
+            # Everything under Caddy's own directory is Caddy's (also after it ran as root).
+            _chown_tree(self.state_dir, uid, gid)
+        self.cfg.paths.config_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        if acct:
+            self._make_reachable(uid, {gid, *os.getgrouplist(acct.pw_name, gid)})
+        self._write_config(gid if acct else None)
+
+    def _make_reachable(self, uid: int, gids: set[int]) -> None:
+        """Caddy's account must traverse config_dir and state_dir (only search, o+x);
+        what lies inside stays protected by its own modes."""
+        own = (self.cfg.paths.config_dir, self.cfg.paths.state_dir)
+        for d in own:
+            if not _traversable_by(d, uid, gids):
+                os.chmod(d, d.stat().st_mode & 0o7777 | 0o001)
+        needed = [self.config_file.parent, self.state_dir, *self._extra_read_paths()]
+        for target in needed:
+            chain = [*reversed(target.parents), *([target] if target.is_dir() else [])]
+            for anc in chain:
+                if anc.exists() and not _traversable_by(anc, uid, gids):
+                    raise ConfigInvalid(
+                        f"Caddy's user cannot enter {anc} (needed for {target})",
+                        hint=f"chmod o+x {anc}, or run Caddy as root (not recommended)",
+                    )
+
+    def _extra_read_paths(self) -> list[Path]:
+        c = self.cfg.caddy
+        return [p for p in (c.cert_file, c.key_file) if p is not None]
+
+    def _write_config(self, gid: int | None) -> bool:
+        data = cc.render(self.base_config())
+        try:
+            if self.config_file.read_bytes() == data:
+                if gid is not None:
+                    os.chown(self.config_file, 0, gid)
+                    os.chmod(self.config_file, 0o640)
+                return False
+        except FileNotFoundError:
+            pass
+        tmp = self.config_file.with_name(f".{self.config_file.name}.tmp-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if gid is not None:
+                os.fchown(fd, 0, gid)
+                os.fchmod(fd, 0o640)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.config_file)
+        return True
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        fd = os.open(self.run_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- process mode ------------------------------------------------------------------
+
+    def _read_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid > 0 else None
+
+    def _is_our_caddy(self, pid: int) -> bool:
+        """The pid file can be stale and the pid reused: check it is *our* Caddy."""
+        if not _pid_alive(pid):
+            return False
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"run" in argv and str(self.config_file).encode() in argv
+
+    def _argv(self) -> list[str]:
+        argv = [self._binary(), "run", "--config", str(self.config_file)]
+        if self.account is None:
+            return argv
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise ExecFailed(
+                "setpriv (util-linux) is needed to start Caddy as an unprivileged user",
+                hint="install util-linux, or run Caddy as root (user=None)",
+            )
+        return [
+            setpriv,
+            f"--reuid={self.account.pw_uid}",
+            f"--regid={self.account.pw_gid}",
+            "--init-groups",
+            "--inh-caps=-all,+net_bind_service",
+            "--ambient-caps=-all,+net_bind_service",
+            "--bounding-set=-all,+net_bind_service",
+            "--no-new-privs",
+            "--",
+            *argv,
+        ]
+
+    def _env(self) -> dict[str, str]:
+        """A clean environment: nothing of the caller's (tokens, keys) reaches Caddy."""
+        return {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.home_dir),
+            "XDG_CONFIG_HOME": str(self.home_dir / "config"),
+            "XDG_DATA_HOME": str(self.home_dir / "data"),
+        }
+
+    def _wait_admin(self, pid: int | None, deadline: float) -> None:
+        admin = CaddyAdmin(self.admin_socket, timeout_s=2.0)
+        last = ""
+        while time.monotonic() < deadline:
+            if pid is not None and not _pid_alive(pid):
+                raise CaddyApiError(
+                    f"Caddy exited during start-up: {self._output_tail()}",
+                    hint=f"see {self.output_file}",
+                )
+            try:
+                admin.ping()
+                return
+            except CaddyApiError as exc:
+                last = exc.message
+            time.sleep(0.05)
+        raise CaddyApiError(
+            f"Caddy's admin socket did not answer within {self.start_timeout_s:g}s: {last}",
+            hint=f"see {self.output_file}",
+        )
+
+    def _output_tail(self) -> str:
+        try:
+            lines = self.output_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no output)"
+        for line in reversed(lines):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("level") in {"error", "fatal"}:
+                    return str(entry.get("msg", "")) + ": " + str(entry.get("error", ""))
+        return lines[-1][:_ERROR_TEXT_MAX] if lines else "(no output)"
+
+    def _start_process(self) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            self.admin_socket.unlink()  # stale socket of a dead Caddy
+        out_fd = os.open(
+            self.output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            # A daemon, not a command: proc.run's timeout does not apply; start-up is
+            # bounded by _wait_admin's deadline instead.
+            child = subprocess.Popen(
+                self._argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out_fd,
+                stderr=out_fd,
+                env=self._env(),
+                cwd=str(self.home_dir),
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise ExecFailed(f"cannot start Caddy: {exc.strerror or exc}") from None
+        finally:
+            os.close(out_fd)
+        tmp = self.pid_file.with_name(f".caddy.pid.tmp-{os.getpid()}")
+        tmp.write_text(f"{child.pid}\n")
+        os.replace(tmp, self.pid_file)
+        try:
+            self._wait_admin(child.pid, time.monotonic() + self.start_timeout_s)
+        except CaddyApiError:
+            self._kill(child.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1)
+            raise
+        return child.pid
+
+    def _kill(self, pid: int, grace_s: float = 10.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    # -- systemd mode ------------------------------------------------------------------
+
+    def _ensure_unit(self) -> None:
+        text = cc.systemd_unit(
+            caddy_binary=self._binary(),
+            config_file=self.config_file,
+            user=self.account.pw_name if self.account else None,
+            home_dir=self.home_dir,
+        )
+        try:
+            current = self.unit_file.read_text()
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            tmp = self.unit_file.with_name(f".{UNIT_NAME}.tmp")
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.unit_file)
+            proc.run(["systemctl", "daemon-reload"], timeout=60)
+        proc.run(["systemctl", "enable", "--now", UNIT_NAME], timeout=60)
+
+    # -- public ------------------------------------------------------------------------
+
+    def ensure_running(self) -> CaddyStatus:
+        """Caddy up with the current base config; safe to call any time, any number of
+        times. A running Caddy whose base config differs (domain, ports, TLS) gets the
+        new one via ``/load``, with its tenant routes carried over."""
+        self._prepare()
+        with self._lock():
+            if self.use_systemd:
+                self._ensure_unit()
+                self._wait_admin(None, time.monotonic() + self.start_timeout_s)
+            else:
+                pid = self._read_pid()
+                if pid is not None and self._is_our_caddy(pid):
+                    self._wait_admin(pid, time.monotonic() + self.start_timeout_s)
+                elif not (self.admin_socket.exists() and self.admin().is_up()):
+                    # (A Caddy answering on our socket without a pid file is adopted.)
+                    self._start_process()
+            self._sync_base_config()
+        return self.status()
+
+    def _sync_base_config(self) -> None:
+        admin = self.admin()
+        base = self.base_config()
+        running = admin.get_config()
+        if not isinstance(running, dict):
+            running = {}
+        try:
+            routes = running["apps"]["http"]["servers"][cc.SERVER]["routes"]
+        except (KeyError, TypeError):
+            routes = []
+        tenant_routes = [
+            r for r in routes if isinstance(r, dict) and cc.tenant_of_route(r) is not None
+        ]
+        wanted = json.loads(json.dumps(base))
+        wanted["apps"]["http"]["servers"][cc.SERVER]["routes"] = [
+            *tenant_routes,
+            cc.fallback_route(),
+        ]
+        if running != wanted:
+            admin.load(wanted)
+
+    def stop(self) -> bool:
+        """Stop Caddy (idempotent); True if one was running."""
+        if self.use_systemd:
+            was = self.status().running
+            proc.run(["systemctl", "stop", UNIT_NAME], timeout=60, check=False)
+            return was
+        if not self.run_dir.exists():
+            return False
+        with self._lock():
+            pid = self._read_pid()
+            was = pid is not None and self._is_our_caddy(pid)
+            if was and pid is not None:
+                self._kill(pid)
+            for p in (self.pid_file, self.admin_socket):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            return was
+
+    def status(self) -> CaddyStatus:
+        admin_ok = self.admin_socket.exists() and self.admin().is_up()
+        if self.use_systemd:
+            res = proc.run(["systemctl", "is-active", UNIT_NAME], timeout=15, check=False)
+            main_pid = proc.run(
+                ["systemctl", "show", "-p", "MainPID", "--value", UNIT_NAME],
+                timeout=15,
+                check=False,
+            ).stdout.strip()
+            pid = int(main_pid) if main_pid.isdigit() and int(main_pid) > 0 else None
+            return CaddyStatus(
+                "systemd",
+                res.stdout.strip() == "active",
+                admin_ok,
+                pid,
+                self.config_file,
+                self.admin_socket,
+            )
+        pid = self._read_pid()
+        running = pid is not None and self._is_our_caddy(pid)
+        return CaddyStatus(
+            "process",
+            running,
+            admin_ok,
+            pid if running else None,
+            self.config_file,
+            self.admin_socket,
+        )
