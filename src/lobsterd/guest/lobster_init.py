@@ -23,6 +23,7 @@ import logging.handlers
 import os
 import re
 import selectors
+import shlex
 import signal
 import socket
 import struct
@@ -121,7 +122,7 @@ class InitSettings:
         agent = env.get("LOBSTER_AGENT_CMD")
         return cls(
             cmdline_file=Path(env.get("LOBSTER_CMDLINE_FILE", str(d.cmdline_file))),
-            agent_cmd=tuple(agent.split()) if agent else d.agent_cmd,
+            agent_cmd=tuple(shlex.split(agent)) if agent else d.agent_cmd,
             dropbear=env.get("LOBSTER_DROPBEAR", d.dropbear),
             log_dir=Path(env.get("LOBSTER_LOG_DIR", str(d.log_dir))),
             dry_run=env.get("LOBSTER_INIT_DRY_RUN", "") == "1",
