@@ -14,6 +14,7 @@
 
 MODULE_DIR=/lib/modules
 MODULE_ORDER=/etc/modules-order
+MODULE_TMP=/tmp/module.ko   # a decompressed module, just before insmod
 WAIT_TENTHS=100   # disks and eth0: at most 10 s each
 
 say() {
@@ -87,8 +88,8 @@ load_module() {
     file="$1"
     case "$file" in
         *.ko) insmod "$file" ;;
-        *.ko.xz) unxz -c "$file" > /tmp/module.ko && insmod /tmp/module.ko ;;
-        *.ko.zst) zstd -dc "$file" > /tmp/module.ko && insmod /tmp/module.ko ;;
+        *.ko.xz) unxz -c "$file" > "$MODULE_TMP" && insmod "$MODULE_TMP" ;;
+        *.ko.zst) zstd -dc "$file" > "$MODULE_TMP" && insmod "$MODULE_TMP" ;;
         *) return 1 ;;
     esac
 }
@@ -104,7 +105,7 @@ load_modules() {
         # A failure is reported, not fatal: the disk/NIC checks below decide.
         load_module "$file" 2>/dev/null || say "insmod $file failed"
     done < "$MODULE_ORDER"
-    rm -f /tmp/module.ko
+    rm -f "$MODULE_TMP"
 }
 
 wait_for() {

@@ -47,6 +47,7 @@ MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MNT_DETACH = 0x2
 RB_POWER_OFF = 0x4321FEDC
+PR_SET_CHILD_SUBREAPER = 36
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
@@ -212,6 +213,8 @@ class Init:
 
     def setup_system(self) -> None:
         if self.settings.dry_run:
+            # Adopt orphans like PID 1 does, so reaping is exercised in tests too.
+            _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             return
         current = mount_points(self._read(Path("/proc/self/mounts")))
         plan = [
