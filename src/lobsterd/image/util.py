@@ -80,11 +80,12 @@ def clean_stale_tmp(parent: Path) -> None:
             remove_tree(entry)
 
 
-def new_tmp_dir(parent: Path, name: str) -> Path:
+def new_tmp_dir(parent: Path, name: str, mode: int = 0o755) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f"{TMP_PREFIX}{name}-{os.getpid()}"
     remove_tree(tmp)
-    tmp.mkdir(mode=0o755)
+    tmp.mkdir()
+    tmp.chmod(mode)
     return tmp
 
 
