@@ -906,14 +906,24 @@ class Agent:
 
     @staticmethod
     def _send_and_close(conn: socket.socket, reply: Mapping[str, Any]) -> None:
-        """Send one reply line, then drain briefly so close() does not reset the reply."""
+        """Send one reply line, then drain briefly so close() does not reset the reply.
+
+        Closing a socket with unread input makes the kernel send RST, which can destroy
+        the reply before the client reads it (oversized or pipelined requests). The
+        drain is bounded in bytes and time, so a client that keeps sending cannot hold
+        the thread.
+        """
         try:
             conn.settimeout(5.0)
             conn.sendall(json.dumps(dict(reply), separators=(",", ":")).encode() + b"\n")
             conn.shutdown(socket.SHUT_WR)
-            conn.settimeout(0.5)
+            deadline = time.monotonic() + 1.0
             drained = 0
             while drained < 4 * MAX_MESSAGE:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                conn.settimeout(remaining)
                 chunk = conn.recv(65536)
                 if not chunk:
                     break
