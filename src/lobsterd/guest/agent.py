@@ -987,6 +987,9 @@ def setup_logging(settings: Settings) -> None:
             logger.addHandler(h)
     except OSError as exc:
         log.error("cannot open log files in %s: %s", settings.log_dir, exc)
+        return
+    # The file has everything; stderr (captured by lobster-init) only what is serious.
+    stderr.setLevel(logging.ERROR)
 
 
 def main() -> int:
