@@ -30,10 +30,11 @@ not mistaken for tampering).
 Removing records from the end of a file leaves a valid chain, so after every append the
 last ``seq`` and ``hash`` are also written to a small sidecar, ``audit.log.head``
 (atomically replaced, HMAC-tagged when a key is available). ``verify`` reports a log that
-ends before the head as truncated. Someone able to rewrite both files with an old head
-can still cut the tail; the journald mirror (each record is also sent to
-``/run/systemd/journal/socket`` when it exists, best effort) is the copy outside their
-reach.
+ends before the head as truncated. When verifying with the master key, the head must
+exist and carry a valid MAC: that is what defeats a wholesale rewrite of the log with
+plain hashes. Someone able to put back an *older* log and head pair can still cut the
+tail; the journald mirror (each record is also sent to ``/run/systemd/journal/socket``
+when it exists, best effort) is the copy outside their reach.
 
 Details carry names, never secret values; keys that look like they would hold a value
 (``value``, ``secret``, ``password``, ``token``, ``key``) are refused outright.
@@ -511,18 +512,22 @@ class AuditLog:
     def _check_head(self, head: dict[str, Any] | None, walk: _Walk,
                     exists: bool) -> Problem | None:
         """Compare the end of the log with the head sidecar (catches a cut-off tail)."""
+        keyed = self._key is not None
         if head is None:
             if not walk.prev_seq:
                 return None
-            return Problem(0, "no-head", f"{self.head_path} is missing: truncation of the end "
-                           "of the log cannot be checked", fatal=False)
+            # With a key, a missing head means the end of the log cannot be proven: a
+            # wholesale rewrite with plain hashes would otherwise pass.
+            return Problem(0, "no-head", f"{self.head_path} is missing: truncation or a "
+                           "rewrite of the log cannot be ruled out", fatal=keyed)
         seq, digest = head.get("seq"), head.get("hash")
         if head.get("corrupt") or not isinstance(seq, int) or not isinstance(digest, str):
             return Problem(0, "head", f"{self.head_path} is unreadable or corrupt")
         mac = self._head_mac(seq, digest)
         problem: Problem | None = None
-        if mac is not None and "mac" in head and not hmac.compare_digest(mac, str(head["mac"])):
-            problem = Problem(0, "head", f"{self.head_path} was modified (bad MAC)")
+        if mac is not None and not hmac.compare_digest(mac, str(head.get("mac", ""))):
+            problem = Problem(0, "head", f"{self.head_path} is not authenticated by the "
+                              "master key (forged, or written before lobsterd init)")
         elif not exists and seq > 0:
             problem = Problem(0, "truncated", f"the audit log is missing but {self.head_path} "
                               f"records seq {seq}")
