@@ -99,6 +99,7 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
     from lobsterd.adapters.storage import TenantVolume
     from lobsterd.adapters.vmm.base import VmHandle
     from lobsterd.ops.vmspec import build_vm_spec
+    from lobsterd.security.ca import IssuedCert
 
     cfg = host.cfg
     name = tenant.name
@@ -144,11 +145,11 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
     step("vm", f"booting the VM ({spec.vcpus} vCPU, {spec.mem_mib} MiB, {accel})", boot, kill_vm)
 
     # These run while the guest boots.
-    pubkey = str(step("ssh-key", "generating the exec key",
+    pubkey = (step("ssh-key", "generating the exec key",
                       lambda: ssh.generate_keypair(cfg.paths.ssh_keys, name),
                       lambda: ssh.remove_keypair(cfg.paths.ssh_keys, name)))
-    issued = step("tls", "issuing the guest's TLS certificate",
-                  lambda: host.ca.issue_server(rt.guest_server_name(name), tenant.guest_ip))
+    issued: IssuedCert = step("tls", "issuing the guest's TLS certificate",
+                  lambda: host.ca.issue_server(name, tenant.guest_ip))
 
     agent = AgentClient(tenant.guest_ip, cfg.network.agent_port, cfg.network.health_port,
                         agent_token, timeout_s=cfg.agent.request_timeout_s)
@@ -167,8 +168,8 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
             "OPENCLAW_GATEWAY_TOKEN": gateway_token,
             "OPENCLAW_CONFIG": json.dumps(gw_conf),
             "SSH_AUTHORIZED_KEY": pubkey,
-            "TLS_SERVER_CERT": issued.cert_pem,  # type: ignore[attr-defined]
-            "TLS_SERVER_KEY": issued.key_pem,  # type: ignore[attr-defined]
+            "TLS_SERVER_CERT": issued.cert_pem,
+            "TLS_SERVER_KEY": issued.key_pem,
             "TLS_CLIENT_CA": host.ca.ca_pem(),
         })
         agent.inject_secrets(payload)
@@ -192,5 +193,4 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
 
     final = step("registry", "marking the tenant active",
                  lambda: host.registry.transition(name, Status.ACTIVE))
-    assert isinstance(final, Tenant)
     return accel, final

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from lobsterd.errors import LobsterError
 
@@ -20,6 +21,8 @@ class InjectedFault(LobsterError):
     """Raised by a StepRunner built with ``fault_after``: tests prove each undo path."""
 
     code = "INJECTED_FAULT"
+
+T = TypeVar("T")
 
 Progress = Callable[[str, str, float | None], None]
 """progress(step, detail, seconds_or_None): called before (None) and after each step."""
@@ -41,9 +44,9 @@ class StepRunner:
         self,
         name: str,
         detail: str,
-        do: Callable[[], object],
+        do: Callable[[], T],
         undo: Callable[[], None] | None = None,
-    ) -> object:
+    ) -> T:
         self.progress(name, detail, None)
         start = time.monotonic()
         result = do()

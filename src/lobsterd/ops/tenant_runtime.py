@@ -7,6 +7,10 @@ from pathlib import Path
 
 from lobsterd.config import Config
 from lobsterd.registry import Tenant
+from lobsterd.security.ca import guest_server_name
+
+__all__ = ["AGENT_TOKEN", "GATEWAY_TOKEN", "guest_mac", "guest_server_name", "hostname",
+           "token_hash", "vm_run_dir"]
 
 AGENT_TOKEN = "agent_token"  # noqa: S105 - the secret's name, not its value
 GATEWAY_TOKEN = "gateway_token"  # noqa: S105
@@ -30,7 +34,3 @@ def vm_run_dir(cfg: Config, name: str) -> Path:
 def hostname(cfg: Config, t: Tenant) -> str:
     return f"{t.name}.{cfg.caddy.domain}"
 
-
-def guest_server_name(name: str) -> str:
-    """SAN of the guest's TLS server certificate; Caddy verifies it (not an external name)."""
-    return f"{name}.guest.lobsterd.internal"
