@@ -42,10 +42,12 @@ class VmSpec:
     cgroup_mem_bytes: int
     cgroup_cpu_quota_us: int
     cgroup_cpu_period_us: int = 100_000
+    cgroup_pids_max: int = 512  # tasks (threads) of the VMM: vCPUs, I/O workers, ...
     accel: str = "tcg"  # "kvm" or "tcg"
     debug_console: bool = False
     disk_limit: DiskLimit = field(default_factory=DiskLimit)
     extra: dict[str, Any] = field(default_factory=dict)
+    tap_netns: str | None = None  # network namespace holding the TAP (None = the host's)
 
 
 @dataclass(frozen=True)
