@@ -255,3 +255,12 @@ def test_arm_counter(tree: FakeTree, ctx: DoctorContext) -> None:
     assert check_arm_counter(tree.host(machine="aarch64"), ctx).status == Status.WARN
     tree.file("/proc/sys/kernel/osrelease", "6.8.0-40-generic")
     assert check_arm_counter(tree.host(machine="aarch64"), ctx).status == Status.PASS
+
+
+def test_smt_on_without_online_siblings_warns_and_offers_off(
+    tree: FakeTree, ctx: DoctorContext
+) -> None:
+    tree.file(SMT_CONTROL, "on")
+    tree.file(f"{CPU}/smt/active", "0")
+    r = check_smt(tree.host(), ctx)
+    assert r.status == Status.WARN and SetValue(SMT_CONTROL, "off") in r.actions

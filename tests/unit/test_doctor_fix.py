@@ -255,3 +255,13 @@ def test_cli_fix_on_the_real_root_needs_root(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     res = CliRunner(mix_stderr=False).invoke(cli, ["doctor", "--fix"])
     assert res.exit_code != 0 and "root" in res.stderr
+
+
+def test_a_fabricated_root_never_runs_host_tools(tree: FakeTree) -> None:
+    from lobsterd.doctor.host import HostView
+
+    host = HostView(tree.root, path_dirs=("/usr/bin",))
+    assert host.run(["mount", "-o", "remount,favordynmods", "/sys/fs/cgroup"]) is None
+    tree.file("/usr/bin/mount", "#!/bin/sh\necho fake-mount \"$@\"\n", mode=0o755)
+    res = host.run(["mount", "-o", "remount"])
+    assert res is not None and res.stdout.strip() == "fake-mount -o remount"

@@ -145,8 +145,15 @@ class HostView:
         from lobsterd.errors import ExecFailed, ExecTimeout
 
         args = list(argv)
-        if args and args[0].startswith("/"):
-            args[0] = str(self.p(args[0]))
+        if not args:
+            return None
+        if self.root != Path("/"):
+            # A fabricated root must never run the real host's tools (mount, swapoff):
+            # only executables that live inside that root.
+            found = self.which(args[0])
+            if found is None:
+                return None
+            args[0] = str(self.p(found))
         try:
             res = run(args, timeout=timeout, check=False)
         except ExecTimeout:
