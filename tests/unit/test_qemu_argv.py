@@ -273,3 +273,171 @@ def test_host_tsc_khz(tmp_path: Path) -> None:
     (root / "proc" / "cpuinfo").write_text("processor\t: 0\n")
     with pytest.raises(VmmError, match="tsc_khz"):
         host_tsc_khz(proc_root=root / "proc", sys_root=root / "sys")
+
+
+# --- process identity (adapters/vmm/qemu.py): exact -qmp matching, no root needed ---------
+
+
+def _fake_vm(qmp_value: str) -> Any:
+    """A harmless process whose command line carries ``-qmp <value>`` like a VM's."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                             "-qmp", qmp_value])
+
+
+def test_orphans_match_whole_tenant_component(tmp_path: Path) -> None:
+    from lobsterd.adapters.vmm.qemu import (
+        QemuDriver,
+        find_orphans,
+        pids_for_socket,
+        process_matches,
+    )
+    from tests.helpers import make_config
+
+    cfg = make_config(tmp_path)
+    vm = cfg.paths.run_dir / "vm"
+    p1 = _fake_vm(qmp_arg(vm / "lobster-1" / "qmp.sock"))
+    p10 = _fake_vm(qmp_arg(vm / "lobster-10" / "qmp.sock"))
+    try:
+        import time as _t
+
+        deadline = _t.monotonic() + 5
+        while len(find_orphans(cfg, set())) < 2 and _t.monotonic() < deadline:
+            _t.sleep(0.01)
+        found = {o.tenant: o.pid for o in find_orphans(cfg, set())}
+        assert found == {"lobster-1": p1.pid, "lobster-10": p10.pid}
+        assert [o.pid for o in find_orphans(cfg, {"lobster-1"})] == [p10.pid]
+        assert [o.pid for o in find_orphans(cfg, {"lobster-10"})] == [p1.pid]
+        assert pids_for_socket(vm / "lobster-1" / "qmp.sock") == [p1.pid]
+        assert process_matches(p1.pid, str(vm / "lobster-1" / "qmp.sock"))
+        assert not process_matches(p1.pid, str(vm / "lobster-10" / "qmp.sock"))
+        assert not process_matches(p1.pid, str(vm / "lobster-" / "qmp.sock"))
+
+        driver = QemuDriver(cfg)
+        assert driver.kill_orphans("lobster") == 0
+        assert driver.kill_orphans("lobster-1") == 1
+        p1.wait(timeout=5)  # kill_orphans may already have reaped it (it is our child)
+        assert not Path(f"/proc/{p1.pid}").exists()
+        assert p10.poll() is None  # the tenant sharing a prefix is untouched
+        assert not process_matches(p1.pid, str(vm / "lobster-1" / "qmp.sock"))
+    finally:
+        for p in (p1, p10):
+            p.kill()
+            p.wait()
+
+
+def test_other_run_dirs_are_not_ours(tmp_path: Path) -> None:
+    from lobsterd.adapters.vmm.qemu import find_orphans
+    from tests.helpers import make_config
+
+    cfg = make_config(tmp_path / "a")
+    other = make_config(tmp_path / "b")
+    p = _fake_vm(qmp_arg(other.paths.run_dir / "vm" / "alice" / "qmp.sock"))
+    try:
+        assert find_orphans(cfg, set()) == []
+    finally:
+        p.kill()
+        p.wait()
+
+
+# --- QMP client (adapters/vmm/qmp.py) against a scripted server ----------------------------
+
+
+def _qmp_server(path: Path, script: list[bytes | None]) -> Any:
+    """Serve one connection: greet, then answer each request line with the next item.
+
+    ``None`` in the script closes the connection instead of answering.
+    """
+    import json
+    import socket
+    import threading
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    seen: list[dict[str, Any]] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            buf = b""
+            for reply in script:
+                while b"\n" not in buf:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    buf += chunk
+                line, _, buf = buf.partition(b"\n")
+                req = json.loads(line)
+                seen.append(req)
+                if reply is None:
+                    return
+                conn.sendall(reply.replace(b"@ID@", json.dumps(req["id"]).encode()))
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return seen
+
+
+def test_qmp_happy_path_with_events(tmp_path: Path) -> None:
+    from lobsterd.adapters.vmm.qmp import QmpClient
+
+    sock = tmp_path / "q.sock"
+    seen = _qmp_server(sock, [
+        b'{"return": {}, "id": @ID@}\n',
+        b'{"event": "RESUME", "timestamp": {}}\n{"return": {"status": "running",'
+        b' "running": true}, "id": @ID@}\n',
+        b'{"return": {}, "id": "stale"}\n{"return": {}, "id": @ID@}\n',
+    ])
+    with QmpClient(sock, timeout_s=2) as q:
+        assert q.status() == "running"
+        assert q.execute("stop") == {}
+        assert q.events[0]["event"] == "RESUME"
+    assert [r["execute"] for r in seen] == ["qmp_capabilities", "query-status", "stop"]
+
+
+def test_qmp_error_reply(tmp_path: Path) -> None:
+    from lobsterd.adapters.vmm.qmp import QmpClient, QmpError
+
+    sock = tmp_path / "q.sock"
+    _qmp_server(sock, [
+        b'{"return": {}, "id": @ID@}\n',
+        b'{"error": {"class": "CommandNotFound", "desc": "nope"}, "id": @ID@}\n',
+    ])
+    with QmpClient(sock, timeout_s=2) as q, pytest.raises(QmpError, match="CommandNotFound"):
+        q.execute("bogus")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"not json\n", b"[1, 2]\n", b'{"return": {}}\n', b"x" * (1 << 20) + b"y" * 10, None],
+)
+def test_qmp_hostile_or_broken_replies(tmp_path: Path, reply: bytes | None) -> None:
+    from lobsterd.adapters.vmm.qmp import QmpClient
+    from lobsterd.errors import VmmError
+
+    sock = tmp_path / "q.sock"
+    _qmp_server(sock, [b'{"return": {}, "id": @ID@}\n', reply])
+    with QmpClient(sock, timeout_s=0.5) as q, pytest.raises(VmmError):
+        q.status()
+
+
+def test_qmp_quit_tolerates_close(tmp_path: Path) -> None:
+    from lobsterd.adapters.vmm.qmp import QmpClient
+
+    sock = tmp_path / "q.sock"
+    _qmp_server(sock, [b'{"return": {}, "id": @ID@}\n', None])
+    with QmpClient(sock, timeout_s=2) as q:
+        assert q.execute("quit") == {}
+
+
+def test_qmp_no_socket(tmp_path: Path) -> None:
+    from lobsterd.adapters.vmm.qmp import QmpClient
+    from lobsterd.errors import VmmError
+
+    with pytest.raises(VmmError, match="cannot connect"):
+        QmpClient(tmp_path / "missing.sock").connect()

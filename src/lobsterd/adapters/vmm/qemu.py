@@ -89,9 +89,13 @@ def process_matches(pid: int, control_socket: str) -> bool:
 
 
 def _reap(pid: int) -> None:
-    """Collect our own exited child so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+    """Collect our own exited child so it does not linger as a zombie.
+
+    Only a zombie is reaped: waiting on a live child would race with ``Popen``.
+    """
+    if _is_zombie(pid) and Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 def _wait_gone(pid: int, control_socket: str, timeout_s: float) -> bool:
@@ -159,6 +163,9 @@ class QemuDriver:
         self.cfg = cfg
         self.cgroup_root = cgroup_root
         self.binary = cfg.vm.qemu_binary
+        # Our own children, kept so they are reaped (no zombies, no ResourceWarning)
+        # when this process is the one that stops them.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # --- paths ---------------------------------------------------------------------------
 
@@ -244,6 +251,7 @@ class QemuDriver:
                 cg.remove(timeout_s=5)
             qmp_path.unlink(missing_ok=True)
             raise
+        self._children[proc.pid] = proc
         return VmHandle(
             vmm=self.name,
             pid=proc.pid,
@@ -282,6 +290,10 @@ class QemuDriver:
                 os.kill(handle.pid, sig)
 
     def _cleanup(self, handle: VmHandle) -> None:
+        child = self._children.pop(handle.pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
         cg = self._cgroup(handle)
         try:
             cg.kill_all(timeout_s=5)
