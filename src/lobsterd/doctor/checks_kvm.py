@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lobsterd.adapters.kvm import UNUSABLE_KVM_MODULES
 from lobsterd.doctor.host import (
     HostView,
     cgroup2_mount,
@@ -40,7 +41,8 @@ def vms_of(host: HostView, ctx: DoctorContext) -> tuple[TenantVm, ...]:
 def check_kvm_usable(host: HostView, ctx: DoctorContext) -> CheckResult:
     title = "KVM able to run ordinary guests"
     present = host.exists(KVM_DEV)
-    modules = [m for m in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm") if host.module_loaded(m)]
+    known = ("kvm", *_GOOD_KVM, *UNUSABLE_KVM_MODULES)
+    modules = [m for m in known if host.module_loaded(m)]
     ev = (f"{KVM_DEV}: {'present' if present else 'absent'}; KVM modules in /sys/module: "
           f"{', '.join(modules) or 'none'}")
     forced = ctx.accel == "kvm"
@@ -51,16 +53,16 @@ def check_kvm_usable(host: HostView, ctx: DoctorContext) -> CheckResult:
             + ("; vm.accel = \"kvm\" will fail to boot VMs" if forced else ""),
             fix="enable virtualisation (VT-x/AMD-V) in the firmware and load kvm_intel or "
                 "kvm_amd; or set vm.accel = \"tcg\"")
-    good = [m for m in _GOOD_KVM if m in modules]
-    if good:
+    # The same list the VMM driver uses to choose TCG (adapters/kvm.py), so doctor
+    # reports exactly what spawn will do.
+    broken = [m for m in UNUSABLE_KVM_MODULES if m in modules]
+    if not broken and any(m in modules for m in _GOOD_KVM):
         nested = "hypervisor" in host.cpu_flags()
         return CheckResult("kvm_usable", title, Status.PASS,
                            ev + (" (nested virtualisation: this host is itself a VM)"
                                  if nested else ""))
-    if "kvm_pvm" in modules:
-        why = ("kvm_pvm (paravirtualised KVM) is the only KVM backend: it emulates too "
-               "little of x86 for a stock Linux guest (emulation failures on cmpxchg16b, "
-               "xrstor, int3)")
+    if broken:
+        why = "; ".join(UNUSABLE_KVM_MODULES[m] for m in broken)
     else:
         why = "no hardware KVM backend (kvm_intel/kvm_amd) is loaded"
     status = Status.FAIL if forced else Status.WARN
