@@ -51,7 +51,12 @@ def _caddy_message(resp: httpx.Response) -> str:
         if isinstance(body, dict) and isinstance(body.get("error"), str):
             text = body["error"]
     text = " ".join(text.split())
-    return text[:_ERROR_TEXT_MAX] or "(empty reply)"
+    if len(text) > _ERROR_TEXT_MAX:
+        # Caddy chains context ("loading new config: loading http app module: ..."): the
+        # cause is at the end, so keep the start and the end.
+        head = _ERROR_TEXT_MAX // 3
+        text = text[:head] + " … " + text[-(_ERROR_TEXT_MAX - head) :]
+    return text or "(empty reply)"
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,16 @@ class CaddyAdmin:
 
     def get_config(self, path: str = "") -> Any:
         return self._json("GET", "/config/" + path.lstrip("/"))
+
+    def get_route(self, route_id: str) -> dict[str, Any] | None:
+        """One route by its ``@id`` (None when Caddy has no object with that id)."""
+        try:
+            route = self._json("GET", f"/id/{route_id}")
+        except CaddyApiError as exc:
+            if "failed (404)" in exc.message:
+                return None
+            raise
+        return route if isinstance(route, dict) else None
 
     def get_routes(self) -> list[dict[str, Any]]:
         """The ``lobster`` server's routes, in order."""
