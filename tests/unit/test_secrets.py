@@ -362,3 +362,9 @@ def test_crash_trace_does_not_show_secret_values(tmp_config: Config) -> None:
     assert proc.returncode != 0
     assert "RuntimeError: provider said no to ***" in proc.stderr
     assert value not in proc.stderr and value not in proc.stdout
+
+
+def test_cli_size_limit_matches_the_store() -> None:
+    from lobsterd.cli import secrets_cmd
+
+    assert secrets_cmd.MAX_VALUE_BYTES == MAX_VALUE_BYTES

@@ -17,7 +17,10 @@ import click
 
 from lobsterd.cli.context import CliState, emit_json, pass_state
 from lobsterd.errors import LobsterError, SecretsError, ValidationFailed
-from lobsterd.security.secrets import MAX_VALUE_BYTES, tenant_scope, validate_secret_name
+
+# Kept in sync with lobsterd.security.secrets.MAX_VALUE_BYTES (checked by its tests); the
+# store module is imported lazily so that ``lobsterd --help`` stays fast.
+MAX_VALUE_BYTES = 64 * 1024
 
 _NO_ARGV = (
     "secret values are never taken from the command line (ps and shell history would "
@@ -99,7 +102,7 @@ def set_cmd(ctx: click.Context, name: str, tenant: str | None, from_file: Path |
     The value comes from stdin (a hidden prompt on a terminal), --from-file or --from-env.
     """
     from lobsterd.security.redact import install_excepthook
-    from lobsterd.security.secrets import open_store
+    from lobsterd.security.secrets import open_store, tenant_scope, validate_secret_name
 
     install_excepthook()
     if ctx.args:
@@ -127,7 +130,7 @@ def set_cmd(ctx: click.Context, name: str, tenant: str | None, from_file: Path |
 @pass_state
 def list_cmd(state: CliState, tenant: str | None, all_scopes: bool, as_json: bool) -> None:
     """Show secret names, scopes and update times (never values)."""
-    from lobsterd.security.secrets import open_store
+    from lobsterd.security.secrets import open_store, tenant_scope
 
     if tenant is not None and all_scopes:
         raise click.UsageError("give at most one of --tenant and --all")
@@ -152,7 +155,7 @@ def list_cmd(state: CliState, tenant: str | None, all_scopes: bool, as_json: boo
 @pass_state
 def rm_cmd(state: CliState, name: str, tenant: str | None) -> None:
     """Remove secret NAME from the host scope or from one tenant's scope."""
-    from lobsterd.security.secrets import open_store
+    from lobsterd.security.secrets import open_store, tenant_scope, validate_secret_name
 
     validate_secret_name(name)
     scope = tenant_scope(tenant)

@@ -202,8 +202,8 @@ class AuditLog:
     # -- writing ---------------------------------------------------------------------
 
     def _open_for_append(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                          | os.O_NOFOLLOW, 0o600)
         except OSError as exc:

@@ -198,8 +198,13 @@ class MasterKey:
             if path.exists():
                 return cls(_read_key_file(path, check_owner=False), f"credential {path}")
         path = cfg.paths.master_key
-        if not os.path.lexists(path):
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
             return None
+        except OSError as exc:  # e.g. an unreadable config dir: not the same as "missing"
+            raise MasterKeyError(f"cannot read master key {path}: {exc.strerror or exc}",
+                                 hint="run as root") from None
         return cls(_read_key_file(path, check_owner=True), str(path))
 
     @classmethod
@@ -210,12 +215,19 @@ class MasterKey:
         fsynced, then hard-linked into place (``link`` fails if ``path`` exists, so two
         racing inits agree on one key and a crash never leaves a half-written key file).
         """
-        if os.path.lexists(path):
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise MasterKeyError(f"cannot read master key {path}: {exc.strerror or exc}",
+                                 hint="run as root") from None
+        else:
             return cls(_read_key_file(path, check_owner=True), str(path)), False
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         raw = pysecrets.token_bytes(KEY_LEN)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{pysecrets.token_hex(4)}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                          | os.O_NOFOLLOW, 0o600)
             try:
@@ -235,7 +247,7 @@ class MasterKey:
                 hint="run lobsterd init as root",
             ) from None
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
         _fsync_dir(path.parent)
         if not created:

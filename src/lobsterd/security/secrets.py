@@ -150,8 +150,8 @@ class SecretStore:
 
     def _prepare_file(self) -> None:
         """Create the database file 0600 before SQLite does (SQLite would use the umask)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600)
         except OSError as exc:
