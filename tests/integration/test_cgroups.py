@@ -150,7 +150,7 @@ def test_cpu_quota_is_enforced(leaf: str) -> None:
         after, t1 = cg.stats().cpu_seconds, time.monotonic()
         assert before is not None and after is not None
         share = (after - before) / (t1 - t0)
-        assert 0.05 < share < 0.35, share
+        assert 0.0 < share < 0.35, share  # the ceiling is the point; a busy host may starve it
     finally:
         cg.kill_all()
         proc.wait(timeout=5)

@@ -178,3 +178,11 @@ def test_enter_fn_writes_own_pid(tmp_path: Path) -> None:
     (root / "lobsterd" / "tenant-d" / "cgroup.procs").write_text("")  # the kernel's file
     cg.enter_fn()()
     assert (root / "lobsterd" / "tenant-d" / "cgroup.procs").read_text() == str(os.getpid())
+
+
+def test_longest_tenant_name_fits() -> None:
+    """Names are DNS labels of up to 63 characters; the leaf must take all of them."""
+    from lobsterd.core.names import cgroup_name
+
+    name = "a" + "b" * 61 + "c"
+    assert check_leaf(cgroup_name(name)) == f"tenant-{name}"

@@ -441,3 +441,15 @@ def test_qmp_no_socket(tmp_path: Path) -> None:
 
     with pytest.raises(VmmError, match="cannot connect"):
         QmpClient(tmp_path / "missing.sock").connect()
+
+
+def test_longest_tenant_name_builds() -> None:
+    name = "a" + "b" * 61 + "c"
+    boot = build_boot_args(
+        guest_ip="10.200.0.6", host_ip="10.200.0.5", agent_token_hash="0" * 64, agent_port=52,
+        health_port=53, gateway_port=9000, tenant=name, accel="tcg", tsc_khz=1, debug_console=False)
+    run = Path("/run/lobsterd/vm") / name
+    argv = build_qemu_argv(spec(tenant=name, boot_args=boot, run_dir=run), tap_fd=3,
+                           qmp_path=run / "qmp.sock", pidfile=run / "qemu.pid", console_log=None)
+    assert f"lobster.name={name}" in opt(argv, "-append")[0]
+    assert opt(argv, "-qmp") == [f"unix:{run}/qmp.sock,server=on,wait=off"]
