@@ -256,3 +256,9 @@ def test_firecracker_and_jailer_versions(
     assert r.status == expected, r.evidence
     if expected == Status.FAIL and jailer is not None and jailer != fc:
         assert "CVE-2026-1386" in r.evidence
+
+
+def test_a_broken_kvm_module_wins_over_a_good_one(tree: FakeTree, ctx: DoctorContext) -> None:
+    # Same rule as the VMM driver's accelerator choice: kvm_pvm present means TCG.
+    tree.dir("/sys/module/kvm_pvm")
+    assert check_kvm_usable(tree.host(), ctx).status == Status.WARN
