@@ -425,6 +425,35 @@ def test_silent_and_garbage_clients_do_not_hurt(front: TlsFront, pki: Pki, echo:
     assert front.rejected >= 2 and echo.connections == 1
 
 
+def test_a_trickling_handshake_is_cut_at_the_deadline(front: TlsFront) -> None:
+    """One byte every 0.3 s must not stretch the handshake: the limit (1 s) is total."""
+    s = socket.create_connection(("127.0.0.1", front.port), timeout=5)
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40)
+    t0 = time.monotonic()
+    closed_after: float | None = None
+    try:
+        for b in hello:
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                closed_after = time.monotonic() - t0
+                break
+            s.settimeout(0.3)
+            try:
+                if s.recv(16) == b"":
+                    closed_after = time.monotonic() - t0
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed_after = time.monotonic() - t0
+                break
+    finally:
+        s.close()
+    assert closed_after is not None, "the front kept a trickling handshake open"
+    assert closed_after < 3.0
+
+
 def test_stop_closes_live_connections_and_the_port(pki: Pki, echo: Echo) -> None:
     f = TlsFront(
         "127.0.0.1", 0, "127.0.0.1", echo.port, pki.server_cert, pki.server_key, pki.ca.ca_pem()

@@ -24,6 +24,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,7 @@ class TlsFront:
             except OSError:
                 if self._stopping.is_set():
                     return
+                time.sleep(0.05)  # e.g. EMFILE: do not spin
                 continue
             if not self._slots.acquire(blocking=False):
                 self._reject()
@@ -268,6 +270,8 @@ class TlsFront:
         try:
             with self._lock:
                 ctx = self._ctx
+            # CPython turns the socket timeout into one deadline for the whole handshake
+            # (not per read), so a client trickling bytes is cut off at this limit too.
             conn.settimeout(self.handshake_timeout_s)
             try:
                 tls = ctx.wrap_socket(conn, server_side=True)
