@@ -333,6 +333,12 @@ def test_boot_failure_is_reported_and_cleaned(guest: Guest, tmp_path: Path) -> N
     assert pids_for_socket(spec.run_dir / "qmp.sock") == []
     assert net.tap_exists(spec.tap, netns=guest.netns)
 
+    from lobsterd.errors import NetworkSetupFailed
+
+    with pytest.raises(NetworkSetupFailed, match="does not exist"):
+        guest.driver.boot(dataclasses.replace(guest.spec, tap="lbt9"))
+    assert not Cgroup.open(spec.cgroup).exists()
+
 
 def test_root_owned_overlay_is_not_readable_by_the_tenant(guest: Guest) -> None:
     """QEMU opens the 0600 root-owned overlay before dropping to the tenant uid; the uid

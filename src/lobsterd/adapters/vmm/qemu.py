@@ -194,16 +194,17 @@ class QemuDriver:
         console = run_dir / CONSOLE_LOG if spec.debug_console else None
         stderr_path = run_dir / STDERR_LOG
 
-        cg = Cgroup.create(
-            spec.cgroup,
-            spec.cgroup_mem_bytes,
-            spec.cgroup_cpu_quota_us,
-            spec.cgroup_cpu_period_us,
-            spec.cgroup_pids_max,
-            root=self.cgroup_root,
-        )
+        cg = Cgroup.open(spec.cgroup, root=self.cgroup_root)
         proc: subprocess.Popen[bytes] | None = None
         try:
+            cg = Cgroup.create(
+                spec.cgroup,
+                spec.cgroup_mem_bytes,
+                spec.cgroup_cpu_quota_us,
+                spec.cgroup_cpu_period_us,
+                spec.cgroup_pids_max,
+                root=self.cgroup_root,
+            )
             tap_fd = open_tap_fd(spec.tap, netns=spec.tap_netns)
             try:
                 argv = build_qemu_argv(
@@ -268,10 +269,8 @@ class QemuDriver:
         while time.monotonic() < deadline:
             code = proc.poll()
             if code is not None:
-                raise VmBootFailed(
-                    f"QEMU exited with status {code} during start-up: {_tail(stderr)}"
-                    if _tail(stderr) else f"QEMU exited with status {code} during start-up"
-                )
+                detail = _tail(stderr) or "no output"
+                raise VmBootFailed(f"QEMU exited with status {code} during start-up: {detail}")
             if qmp_path.exists():
                 try:
                     with QmpClient(qmp_path, timeout_s=2.0) as qmp:
