@@ -84,8 +84,15 @@ def test_internal_secrets_never_leak_into_tenant_view(store: SecretStore) -> Non
     with pytest.raises(SecretsError) as ei:
         store.get_internal("bob", "agent_token")
     assert "missing" in str(ei.value)
-    assert store.drop_internal("alice", "agent_token") == 1
-    assert store.drop_internal("alice") == 0
+    store.set_internal("alice", "gateway_token", _value())
+    store.drop_internal("alice", "agent_token")
+    with pytest.raises(SecretsError):
+        store.get_internal("alice", "agent_token")
+    assert store.get_internal("alice", "gateway_token")
+    store.drop_internal("alice")
+    store.drop_internal("alice")  # idempotent
+    with pytest.raises(SecretsError):
+        store.get_internal("alice", "gateway_token")
 
 
 def test_list_shows_names_scopes_never_values(store: SecretStore) -> None:

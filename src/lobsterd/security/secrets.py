@@ -320,12 +320,16 @@ class SecretStore:
             )
         return value
 
-    def drop_internal(self, tenant: str, key: str | None = None) -> int:
-        """Forget lobsterd's credentials of ``tenant`` (one key or all); idempotent."""
+    def drop_internal(self, tenant: str, key: str | None = None) -> None:
+        """Forget lobsterd's credentials of ``tenant`` (one key or all); idempotent.
+
+        Returns nothing so that it can serve directly as a step's undo.
+        """
         scope = internal_scope(tenant)
         if key is None:
-            return self._delete((scope,))
-        return self._delete((scope,), self._internal_key(key))
+            self._delete((scope,))
+        else:
+            self._delete((scope,), self._internal_key(key))
 
 
 def open_store(cfg: Config) -> SecretStore:
