@@ -376,3 +376,36 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_systemd_mode_installs_and_enables_the_unit_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No systemd on the test machines: the unit file and the systemctl calls are checked
+    against a recording stand-in for proc.run."""
+    import lobsterd.adapters.caddy as caddy_mod
+    from lobsterd.adapters import proc
+    from lobsterd.adapters.proc import Result
+
+    calls: list[tuple[str, ...]] = []
+
+    def fake_run(argv: list[str], **_: Any) -> Result:
+        calls.append(tuple(argv))
+        return Result(tuple(argv), 0, "", "")
+
+    unit_dir = tmp_path / "systemd"
+    unit_dir.mkdir()
+    monkeypatch.setattr(caddy_mod, "UNIT_DIR", unit_dir)
+    monkeypatch.setattr(proc, "run", fake_run)
+    cfg = caddy_config(tmp_path, binary="/bin/true")
+    sup = CaddySupervisor(cfg, user=None, use_systemd=True)
+    sup._ensure_unit()
+    unit = (unit_dir / "lobsterd-caddy.service").read_text()
+    assert f"ExecStart=/bin/true run --config {sup.config_file}" in unit.splitlines()
+    assert calls == [
+        ("systemctl", "daemon-reload"),
+        ("systemctl", "enable", "--now", "lobsterd-caddy.service"),
+    ]
+    calls.clear()
+    sup._ensure_unit()  # unchanged unit: no daemon-reload, enable is idempotent
+    assert calls == [("systemctl", "enable", "--now", "lobsterd-caddy.service")]
