@@ -375,3 +375,10 @@ def test_cli_size_limit_matches_the_store() -> None:
     from lobsterd.cli import secrets_cmd
 
     assert secrets_cmd.MAX_VALUE_BYTES == MAX_VALUE_BYTES
+
+
+def test_loose_database_mode_is_tightened(tmp_config: Config, master: MasterKey) -> None:
+    SecretStore(tmp_config, master).set("K", "value-1")
+    tmp_config.paths.secrets_db.chmod(0o644)
+    SecretStore(tmp_config, master)
+    assert (tmp_config.paths.secrets_db.stat().st_mode & 0o777) == 0o600

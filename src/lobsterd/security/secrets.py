@@ -159,7 +159,7 @@ class SecretStore:
                                f"{exc.strerror or exc}", hint="run as root") from None
         try:
             st = os.fstat(fd)
-            if stat.S_IMODE(st.st_mode) & 0o077:
+            if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
                 os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
