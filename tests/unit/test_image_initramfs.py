@@ -24,17 +24,20 @@ from lobsterd.image.initramfs import (
 )
 from tests.helpers import need_binary
 
-MODULES_DEP = """\
+_V = "kernel/drivers/virtio"
+_N = "kernel/drivers/net"
+MODULES_DEP = f"""\
 kernel/fs/overlayfs/overlay.ko:
-kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/virtio/virtio_ring.ko:
-kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+{_V}/virtio.ko: {_V}/virtio_ring.ko
+{_V}/virtio_ring.ko:
+{_V}/virtio_mmio.ko: {_V}/virtio.ko {_V}/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko: {_V}/virtio.ko {_V}/virtio_ring.ko
+{_N}/virtio_net.ko: {_N}/net_failover.ko kernel/net/core/failover.ko {_V}/virtio.ko \
+{_V}/virtio_ring.ko
+{_N}/net_failover.ko: kernel/net/core/failover.ko
 kernel/net/core/failover.ko:
-kernel/drivers/char/hw_random/virtio-rng.ko.xz: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
-kernel/drivers/scsi/virtio_scsi.ko: kernel/drivers/scsi/scsi_mod.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/char/hw_random/virtio-rng.ko.xz: {_V}/virtio.ko {_V}/virtio_ring.ko
+kernel/drivers/scsi/virtio_scsi.ko: kernel/drivers/scsi/scsi_mod.ko {_V}/virtio.ko
 """
 
 WANTED = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover",
@@ -78,7 +81,9 @@ def test_cpio_is_deterministic_regardless_of_input_order() -> None:
 
 def test_cpio_rejects_conflicts_and_bad_paths() -> None:
     with pytest.raises(ImageBuildFailed, match="twice"):
-        write_cpio([CpioEntry("x", stat.S_IFREG | 0o644, b"1"), CpioEntry("x", stat.S_IFREG | 0o644, b"2")])
+        write_cpio(
+            [CpioEntry("x", stat.S_IFREG | 0o644, b"1"), CpioEntry("x", stat.S_IFREG | 0o644, b"2")]
+        )
     with pytest.raises(ImageBuildFailed, match="invalid"):
         write_cpio([CpioEntry("../etc/passwd", stat.S_IFREG | 0o644, b"")])
     with pytest.raises(ImageBuildFailed, match="not a directory"):
@@ -101,9 +106,13 @@ def test_read_cpio_rejects_garbage_and_truncation() -> None:
 def test_gnu_cpio_reads_our_archive(tmp_path: Path) -> None:
     need_binary("cpio")
     data = write_cpio(sample_entries())
-    listing = subprocess.run(
-        ["cpio", "-t", "--quiet"], input=data, capture_output=True, check=True, timeout=30
-    ).stdout.decode().split()
+    listing = (
+        subprocess.run(
+            ["cpio", "-t", "--quiet"], input=data, capture_output=True, check=True, timeout=30
+        )
+        .stdout.decode()
+        .split()
+    )
     assert listing == [e.name for e in read_cpio(data)]
     out = tmp_path / "x"
     out.mkdir()
@@ -155,7 +164,9 @@ def test_module_order_pulls_in_unlisted_dependencies() -> None:
 
 def test_module_order_skips_builtins() -> None:
     deps = parse_modules_dep(MODULES_DEP)
-    builtin = parse_modules_builtin("kernel/drivers/virtio/virtio_ring.ko\nkernel/fs/overlayfs/overlay.ko\n")
+    builtin = parse_modules_builtin(
+        "kernel/drivers/virtio/virtio_ring.ko\nkernel/fs/overlayfs/overlay.ko\n"
+    )
     del deps["virtio_ring"], deps["overlay"]
     names = [n for n, _ in resolve_module_order(deps, WANTED, (), builtin)]
     assert "virtio_ring" not in names and "overlay" not in names
@@ -187,14 +198,16 @@ def test_read_module_decompresses(tmp_path: Path) -> None:
     assert read_module(tmp_path / "n.ko.gz") == raw
     assert read_module(tmp_path / "o.ko") == raw
     if shutil.which("zstd"):
-        subprocess.run(["zstd", "-q", "-f", str(tmp_path / "o.ko"), "-o", str(tmp_path / "p.ko.zst")],
-                       check=True, timeout=30)  # fmt: skip
+        zst = tmp_path / "p.ko.zst"
+        subprocess.run(["zstd", "-q", "-f", str(tmp_path / "o.ko"), "-o", str(zst)], check=True)
         assert read_module(tmp_path / "p.ko.zst") == raw
 
 
 def test_initramfs_entries_layout() -> None:
     modules = [("virtio_ring", b"r"), ("virtio", b"v")]
-    entries = initramfs_entries(b"#!/bin/busybox sh\n", b"BB", ["bin/sh", "sbin/switch_root", "linuxrc"], modules)
+    entries = initramfs_entries(
+        b"#!/bin/busybox sh\n", b"BB", ["bin/sh", "sbin/switch_root", "linuxrc"], modules
+    )
     back = {e.name: e for e in read_cpio(write_cpio(entries))}
     assert back["etc/modules-order"].data == b"virtio_ring\nvirtio\n"
     assert back["lib/modules/virtio.ko"].data == b"v"

@@ -34,7 +34,9 @@ def fake_elf(body: int = 5000) -> bytes:
     return bytes(ehdr) + phdr + bytes(range(256)) * (body // 256) + b"\x90" * (body % 256)
 
 
-def fake_bzimage(payload: bytes, setup_sects: int = 3, offset: int = 0x200, tail: int = 64) -> bytes:
+def fake_bzimage(
+    payload: bytes, setup_sects: int = 3, offset: int = 0x200, tail: int = 64
+) -> bytes:
     pm = (setup_sects + 1) * 512
     data = bytearray(pm + offset + len(payload) + tail)
     data[0x1F1] = setup_sects

@@ -77,8 +77,16 @@ def test_remove_matching_globs_and_reports(tree: Path, tmp_path: Path) -> None:
     host_dir.mkdir()
     (host_dir / "keep").write_text("host")
     os.symlink(str(host_dir), tree / "etc/apt")  # absolute link: removed as a link only
-    removed = remove_matching(tree, ["usr/bin/apt*", "bin/dpkg", "var/lib/apt", "etc/apt", "no/such/*"])
-    assert removed == ["/etc/apt", "/usr/bin/apt", "/usr/bin/apt-get", "/usr/bin/dpkg", "/var/lib/apt"]
+    removed = remove_matching(
+        tree, ["usr/bin/apt*", "bin/dpkg", "var/lib/apt", "etc/apt", "no/such/*"]
+    )
+    assert removed == [
+        "/etc/apt",
+        "/usr/bin/apt",
+        "/usr/bin/apt-get",
+        "/usr/bin/dpkg",
+        "/var/lib/apt",
+    ]
     assert (tree / "usr/bin/python3").exists()
     assert (host_dir / "keep").read_text() == "host"
     assert remove_matching(tree, ["usr/bin/apt*"]) == []  # idempotent
@@ -164,3 +172,25 @@ def test_rootfs_size(content_mib: int, want: int) -> None:
     assert size == want
     assert size % 64 == 0 and size >= 512
     assert size << 20 >= content_mib * 1.25 * 2**20
+
+
+def test_strip_setuid_never_changes_a_hard_linked_original(tree: Path, tmp_path: Path) -> None:
+    """The staging tree is a hard-link copy of the cached base: the base must not change."""
+    base = tmp_path / "base-su"
+    base.write_text("binary")
+    base.chmod(0o4755)
+    os.link(base, tree / "usr/bin/su-linked")
+    assert strip_setuid(tree) == ["/usr/bin/su-linked"]
+    assert stat.S_IMODE((tree / "usr/bin/su-linked").stat().st_mode) == 0o755
+    assert stat.S_IMODE(base.stat().st_mode) == 0o4755
+    assert (tree / "usr/bin/su-linked").read_text() == "binary"
+    assert base.stat().st_nlink == 1
+
+
+def test_install_file_never_writes_into_a_hard_linked_original(tree: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base-shadow"
+    base.write_text("root:*:1:0:::::\n")
+    os.link(base, tree / "etc/shadow")
+    install_file(tree, GuestFile("etc/shadow", b"root:!:1:0:::::\n", 0o640))
+    assert base.read_text() == "root:*:1:0:::::\n"
+    assert (tree / "etc/shadow").read_text() == "root:!:1:0:::::\n"
