@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -338,3 +339,42 @@ def test_init_supervises_restarts_and_stops(tmp_path: Path) -> None:
             pid = int(pidfile.read_text())
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_default_agent_command_imports_the_installed_agent(tmp_path: Path) -> None:
+    """lobster-init's default command (module import, bytecode cached) starts a real agent."""
+    from lobsterd.adapters.agent_client import AgentClient
+    from lobsterd.guest.agent import token_hash
+
+    argv = [a.replace("/usr/lib/lobster", str(GUEST)) for a in li.DEFAULT_AGENT_CMD]
+    argv[0] = sys.executable
+    assert argv[1] == "-S"  # no site-packages: the standard library must be enough
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+    (tmp_path / "cmdline").write_text(
+        f"lobster.ip=127.0.0.1/30 lobster.agent_hash={token_hash('t0k')} "
+        f"lobster.agent_port={ports[0]} lobster.health_port={ports[1]}\n"
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "LOBSTER_CMDLINE_FILE": str(tmp_path / "cmdline"),
+        "LOBSTER_LOG_DIR": str(tmp_path / "log"),
+        "LOBSTER_RUN_DIR": str(tmp_path / "run"),
+        "LOBSTER_GUEST_ROOT": str(tmp_path / "guest"),
+    }
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    try:
+        client = AgentClient("127.0.0.1", ports[0], ports[1], "t0k", timeout_s=2)
+        client.wait_ready(timeout_s=15)
+        assert "lobster.agent_hash" in client.get_cmdline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()

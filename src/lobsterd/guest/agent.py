@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import importlib
 import ipaddress
 import json
 import logging
@@ -41,14 +40,16 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing and subprocess are not imported at run time: start-up cost
+    import subprocess
+    from typing import Any
 
 MAX_MESSAGE = 1024 * 1024
 LOG_MAX_BYTES = 1024 * 1024
@@ -82,20 +83,37 @@ _gateway_out = logging.getLogger("lobster-agent.gateway-output")
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
 class Settings:
-    """Where the agent reads and writes; production defaults, overridable for tests."""
+    """Where the agent reads and writes; production defaults, overridable for tests.
 
-    cmdline_file: Path = Path("/proc/cmdline")
-    guest_root: Path = Path("/")  # /root/.openclaw and /root/.ssh live under it
-    log_dir: Path = Path("/var/log/lobster")
-    run_dir: Path = Path("/run/lobster")
-    proc_root: Path = Path("/proc")
-    gateway_cmd: tuple[str, ...] = ("/usr/local/bin/lobster-gateway",)
-    shutdown_action: str = "poweroff"  # "poweroff" (SIGTERM to PID 1) or "exit"
-    clock: str = "system"  # "system" (clock_settime) or "file" (tests: run_dir/clock)
-    read_timeout_s: float = 10.0
-    max_connections: int = 64
+    Plain classes rather than dataclasses here: ``dataclasses`` pulls in ``inspect`` and
+    friends, and every import delays the agent at each boot (interpreted under TCG).
+    """
+
+    def __init__(
+        self,
+        *,
+        cmdline_file: Path = Path("/proc/cmdline"),
+        guest_root: Path = Path("/"),  # /root/.openclaw and /root/.ssh live under it
+        log_dir: Path = Path("/var/log/lobster"),
+        run_dir: Path = Path("/run/lobster"),
+        proc_root: Path = Path("/proc"),
+        gateway_cmd: tuple[str, ...] = ("/usr/local/bin/lobster-gateway",),
+        shutdown_action: str = "poweroff",  # "poweroff" (SIGTERM to PID 1) or "exit"
+        clock: str = "system",  # "system" (clock_settime) or "file" (tests: run_dir/clock)
+        read_timeout_s: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.cmdline_file = cmdline_file
+        self.guest_root = guest_root
+        self.log_dir = log_dir
+        self.run_dir = run_dir
+        self.proc_root = proc_root
+        self.gateway_cmd = gateway_cmd
+        self.shutdown_action = shutdown_action
+        self.clock = clock
+        self.read_timeout_s = read_timeout_s
+        self.max_connections = max_connections
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -146,16 +164,24 @@ def parse_cmdline(text: str) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
 class BootParams:
     """The ``lobster.*`` parameters the agent needs."""
 
-    ip: ipaddress.IPv4Address
-    agent_hash: str | None  # None → every request is refused
-    agent_port: int
-    health_port: int
-    gateway_port: int
-    name: str
+    def __init__(
+        self,
+        ip: ipaddress.IPv4Address,
+        agent_hash: str | None,  # None → every request is refused
+        agent_port: int,
+        health_port: int,
+        gateway_port: int,
+        name: str,
+    ) -> None:
+        self.ip = ip
+        self.agent_hash = agent_hash
+        self.agent_port = agent_port
+        self.health_port = health_port
+        self.gateway_port = gateway_port
+        self.name = name
 
     @classmethod
     def from_cmdline(cls, text: str) -> BootParams:
@@ -369,6 +395,8 @@ class GatewaySupervisor:
             self._pid_file.unlink()
 
     def _spawn(self) -> None:
+        import subprocess
+
         assert self._env is not None
         self._cwd.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
@@ -391,6 +419,8 @@ class GatewaySupervisor:
         threading.Thread(target=self._watch, args=(proc,), daemon=True).start()
 
     def _terminate(self, proc: subprocess.Popen[bytes]) -> None:
+        import subprocess
+
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -439,7 +469,7 @@ class GatewaySupervisor:
 # --------------------------------------------------------------------------- agent
 
 
-class _Reply(dict[str, Any]):
+class _Reply(dict[str, "Any"]):
     """A reply plus an action to run after it has been sent (shutdown)."""
 
     after: Callable[[], None] | None = None
@@ -455,6 +485,8 @@ def _ok(**fields: Any) -> _Reply:
 
 def _load_tls_front() -> Any:
     """The TlsFront class, installed side by side or from the source tree (None if absent)."""
+    import importlib
+
     for name in ("tls_front", "lobsterd.guest.tls_front"):
         try:
             return importlib.import_module(name).TlsFront
@@ -463,10 +495,10 @@ def _load_tls_front() -> Any:
     return None
 
 
-@dataclass
 class _State:
-    secrets: dict[str, str] = field(default_factory=dict)
-    holds: dict[str, float] = field(default_factory=dict)  # hold id → monotonic expiry
+    def __init__(self) -> None:
+        self.secrets: dict[str, str] = {}
+        self.holds: dict[str, float] = {}  # hold id → monotonic expiry
 
 
 class Agent:
@@ -1007,7 +1039,6 @@ def main() -> int:
     if params.agent_hash is None:
         log.error("no valid lobster.agent_hash on the kernel command line: refusing all requests")
     agent = Agent(settings, params)
-    agent.gateway.kill_stale(settings.proc_root)
 
     def on_signal(signum: int, _frame: object) -> None:
         agent.stopped.set()
@@ -1019,6 +1050,8 @@ def main() -> int:
     except OSError as exc:
         log.error("cannot listen on %s: %s", params.ip, exc)
         return 1
+    # Only once the ports are ours: a second agent must not kill the first one's gateway.
+    agent.gateway.kill_stale(settings.proc_root)
     agent.serve()
     log.info(
         "listening on %s:%d (control) and :%d (health)",

@@ -108,6 +108,11 @@ load_modules() {
     rm -f "$MODULE_TMP"
 }
 
+# is_mounted <dir>: busybox here has no `mountpoint` applet; /proc/mounts may not exist yet.
+is_mounted() {
+    grep -qs " $1 " /proc/mounts
+}
+
 wait_for() {
     i=0
     while [ ! -e "$1" ]; do
@@ -119,14 +124,14 @@ wait_for() {
 
 main() {
     /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp
-    /bin/busybox --install -s /bin
+    /bin/busybox --install -s /bin 2>/dev/null
     export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 
-    mountpoint -q /proc || mount -t proc -o nosuid,nodev,noexec proc /proc \
+    is_mounted /proc || mount -t proc -o nosuid,nodev,noexec proc /proc \
         || die "cannot mount /proc"
-    mountpoint -q /sys || mount -t sysfs -o nosuid,nodev,noexec sysfs /sys \
+    is_mounted /sys || mount -t sysfs -o nosuid,nodev,noexec sysfs /sys \
         || die "cannot mount /sys"
-    mountpoint -q /dev || mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev \
+    is_mounted /dev || mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev \
         || die "cannot mount /dev"
 
     parse_cmdline "$(cat /proc/cmdline)"
@@ -134,6 +139,7 @@ main() {
     valid_ipv4 "$LOBSTER_GW" || die "lobster.gw missing or malformed on the kernel command line"
 
     load_modules
+    say "modules loaded"
 
     wait_for /dev/vda || die "root disk /dev/vda did not appear"
     wait_for /dev/vdb || die "overlay disk /dev/vdb did not appear"
@@ -153,6 +159,7 @@ main() {
     ip addr add "$LOBSTER_IP" dev eth0 || die "cannot add $LOBSTER_IP to eth0"
     ip route add default via "$LOBSTER_GW" dev eth0 || die "cannot add the default route"
 
+    say "root and eth0 ready; starting /sbin/lobster-init"
     for fs in dev proc sys; do
         mkdir -p "/newroot/$fs"
         mount --move "/$fs" "/newroot/$fs" || die "cannot move /$fs into the new root"

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import logging
-import logging.handlers
 import os
 import re
 import selectors
@@ -30,8 +28,6 @@ import struct
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -53,8 +49,6 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-
-log = logging.getLogger("lobster-init")
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -109,25 +103,84 @@ def mount_points(mounts_text: str) -> set[str]:
 # --------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
+#: The agent is imported rather than run as a script so that its bytecode is cached
+#: (under TCG, compiling agent.py costs about a second of every boot); -S skips site.
+DEFAULT_AGENT_CMD: tuple[str, ...] = (
+    "/usr/bin/python3",
+    "-S",
+    "-c",
+    "import sys; sys.path.insert(0, '/usr/lib/lobster'); import agent; sys.exit(agent.main())",
+)
+
+
 class InitSettings:
-    cmdline_file: Path = Path("/proc/cmdline")
-    agent_cmd: tuple[str, ...] = ("/usr/bin/python3", "/usr/lib/lobster/agent.py")
-    dropbear: str = "/usr/sbin/dropbear"
-    log_dir: Path = Path("/var/log/lobster")
-    dry_run: bool = False
+    """Paths and commands; production defaults, overridable by LOBSTER_* variables.
+
+    Plain classes instead of dataclasses (and no ``logging``) throughout this file: every
+    import is paid at each boot, at interpreter speed under TCG, before the agent starts.
+    """
+
+    def __init__(
+        self,
+        cmdline_file: str = "/proc/cmdline",
+        agent_cmd: tuple[str, ...] = DEFAULT_AGENT_CMD,
+        dropbear: str = "/usr/sbin/dropbear",
+        log_dir: str = "/var/log/lobster",
+        dry_run: bool = False,
+    ) -> None:
+        self.cmdline_file = cmdline_file
+        self.agent_cmd = agent_cmd
+        self.dropbear = dropbear
+        self.log_dir = log_dir
+        self.dry_run = dry_run
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InitSettings:
         d = cls()
         agent = env.get("LOBSTER_AGENT_CMD")
         return cls(
-            cmdline_file=Path(env.get("LOBSTER_CMDLINE_FILE", str(d.cmdline_file))),
+            cmdline_file=env.get("LOBSTER_CMDLINE_FILE", d.cmdline_file),
             agent_cmd=tuple(shlex.split(agent)) if agent else d.agent_cmd,
             dropbear=env.get("LOBSTER_DROPBEAR", d.dropbear),
-            log_dir=Path(env.get("LOBSTER_LOG_DIR", str(d.log_dir))),
+            log_dir=env.get("LOBSTER_LOG_DIR", d.log_dir),
             dry_run=env.get("LOBSTER_INIT_DRY_RUN", "") == "1",
         )
+
+
+class RotatingLog:
+    """Timestamped lines in a file capped at ``max_bytes``, plus one rotated file."""
+
+    def __init__(self, max_bytes: int = LOG_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.path: str | None = None
+        self._fd: int | None = None
+        self._size = 0
+
+    def open(self, path: str) -> None:
+        self.close()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.path, self._fd, self._size = path, fd, os.fstat(fd).st_size
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def write(self, line: str) -> None:
+        if self._fd is None or self.path is None:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        data = f"{stamp} {line}\n".encode(errors="replace")
+        try:
+            if self._size + len(data) > self.max_bytes:
+                os.replace(self.path, self.path + ".1")
+                self.open(self.path)
+            assert self._fd is not None
+            os.write(self._fd, data)
+            self._size += len(data)
+        except OSError:
+            pass  # a full or broken disk must never take PID 1 down
 
 
 # --------------------------------------------------------------------------- system calls
@@ -173,17 +226,19 @@ def kmsg(line: str) -> None:
 # --------------------------------------------------------------------------- services
 
 
-@dataclass
 class Service:
-    name: str
-    argv: list[str]
-    pid: int | None = None
-    started_at: float = 0.0
-    backoff: float = BACKOFF_MIN_S
-    next_start: float = 0.0  # monotonic; 0 = now
-    out_fd: int | None = None
-    restarts: int = 0
-    partial: bytes = field(default=b"", repr=False)
+    """One supervised child and its restart bookkeeping."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.backoff = BACKOFF_MIN_S
+        self.next_start = 0.0  # monotonic; 0 = now
+        self.out_fd: int | None = None
+        self.restarts = 0
+        self.partial = b""  # an unfinished output line
 
 
 class Init:
@@ -199,13 +254,13 @@ class Init:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self.out = logging.getLogger("lobster-init.services")
-        self.out.propagate = False
+        self.log = RotatingLog()
 
     @staticmethod
-    def _read(path: Path) -> str:
+    def _read(path: str) -> str:
         try:
-            return path.read_text()
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
         except OSError:
             return ""
 
@@ -216,7 +271,7 @@ class Init:
             # Adopt orphans like PID 1 does, so reaping is exercised in tests too.
             _libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
             return
-        current = mount_points(self._read(Path("/proc/self/mounts")))
+        current = mount_points(self._read("/proc/self/mounts"))
         plan = [
             ("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"),
             ("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"),  # noqa: S108
@@ -243,23 +298,14 @@ class Init:
             self.note(f"cannot bring lo up: {exc.strerror or exc}")
 
     def setup_logging(self) -> None:
-        fmt = logging.Formatter("%(asctime)s %(message)s")
         try:
-            self.settings.log_dir.mkdir(parents=True, exist_ok=True)
-            h = logging.handlers.RotatingFileHandler(
-                self.settings.log_dir / "init.log", maxBytes=LOG_MAX_BYTES, backupCount=1
-            )
+            os.makedirs(self.settings.log_dir, mode=0o700, exist_ok=True)
+            self.log.open(os.path.join(self.settings.log_dir, "init.log"))
         except OSError as exc:
             kmsg(f"no log file: {exc}")
-            return
-        h.setFormatter(fmt)
-        log.addHandler(h)
-        self.out.addHandler(h)
-        log.setLevel(logging.INFO)
-        self.out.setLevel(logging.INFO)
 
     def note(self, msg: str) -> None:
-        log.info("%s", msg)
+        self.log.write(msg)
         kmsg(msg)
 
     def plan_services(self) -> None:
@@ -326,13 +372,13 @@ class Init:
             if svc.out_fd == fd:
                 svc.out_fd = None
             if svc.partial:
-                self.out.info("[%s] %s", svc.name, svc.partial.decode(errors="replace"))
+                self.log.write(f"[{svc.name}] {svc.partial.decode(errors='replace')}")
                 svc.partial = b""
             return
         lines = (svc.partial + data).split(b"\n")
         svc.partial = lines.pop()[-8192:]
         for line in lines:
-            self.out.info("[%s] %s", svc.name, line.decode(errors="replace"))
+            self.log.write(f"[{svc.name}] {line.decode(errors='replace')}")
 
     def reap(self) -> None:
         """Collect every exited child (supervised or orphan) and schedule restarts."""
@@ -433,9 +479,7 @@ class Init:
                 self.reap()
         except Exception as exc:
             kmsg(f"stopping children failed: {exc!r}")
-        for h in log.handlers:
-            with contextlib.suppress(Exception):
-                h.close()
+        self.log.close()
         os.sync()
         if self.settings.dry_run:
             return 0
