@@ -60,12 +60,12 @@ class Host:
             from lobsterd.adapters.vmm.qemu import QemuDriver
 
             return QemuDriver(self.cfg)
-        from lobsterd.adapters.vmm.firecracker import (
-            FirecrackerDriver,  # type: ignore[import-not-found,unused-ignore]
-        )
+        from lobsterd.errors import VmmError
 
-        driver: VmmDriver = FirecrackerDriver(self.cfg)
-        return driver
+        raise VmmError(
+            f"vm.vmm = {self.cfg.vm.vmm!r} has no driver in this version of lobsterd",
+            hint='set vm.vmm = "qemu"',
+        )
 
     @cached_property
     def host_net(self) -> HostNet:

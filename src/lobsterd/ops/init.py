@@ -47,7 +47,7 @@ def init_host(
     rep = InitReport()
     p = cfg.paths
 
-    for path, mode in ((p.config_dir, 0o711), (p.state_dir, 0o700), (p.run_dir, 0o700),
+    for path, mode in ((p.config_dir, 0o711), (p.state_dir, 0o711), (p.run_dir, 0o711),
                        (p.cache_dir, 0o755), (p.volumes, 0o700), (p.tenants_mnt, 0o700),
                        (p.ssh_keys, 0o700), (p.locks, 0o700)):
         if _mkdir(path, mode):

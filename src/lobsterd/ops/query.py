@@ -32,7 +32,7 @@ def tank_entry(host: Host, tenant: Tenant) -> dict[str, Any]:
         return entry
     checks: dict[str, bool] = {}
     vm = tenant.runtime.get("vm")
-    checks["vm.process"] = bool(vm) and host.vmm.is_alive(VmHandle.from_dict(vm))
+    checks["vm.process"] = vm is not None and host.vmm.is_alive(VmHandle.from_dict(vm))
     checks["vm.responsive"] = False
     checks["net.gateway"] = False
     if checks["vm.process"]:
@@ -40,9 +40,9 @@ def tank_entry(host: Host, tenant: Tenant) -> dict[str, Any]:
             agent = agent_for(host, tenant, timeout_s=2.0)
             stats = agent.get_stats()
             checks["vm.responsive"] = True
-            checks["net.gateway"] = stats.get("gatewayPid") is not None
-            if stats.get("memoryKb"):
-                entry["gateway_mem_mb"] = round(int(stats["memoryKb"]) / 1024)
+            checks["net.gateway"] = stats.get("gateway_pid") is not None
+            if stats.get("gateway_rss_kb"):
+                entry["gateway_mem_mb"] = round(int(stats["gateway_rss_kb"]) / 1024)
         except LobsterError:
             pass
     entry["checks"] = checks

@@ -189,8 +189,12 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
         host.caddy.put_tenant_routes(name, routes)
 
     step("caddy", f"routing https://{rt.hostname(cfg, tenant)}", add_routes,
-         lambda: host.caddy.delete_tenant_routes(name))
+         lambda: _discard(host.caddy.delete_tenant_routes(name)))
 
     final = step("registry", "marking the tenant active",
                  lambda: host.registry.transition(name, Status.ACTIVE))
     return accel, final
+
+
+def _discard(_: object) -> None:
+    """Undo callbacks return nothing; adapters may report whether they changed anything."""
