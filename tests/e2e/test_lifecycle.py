@@ -27,7 +27,6 @@ SPAWN_STEPS = ["secrets", "volume", "network", "firewall", "vm", "ssh-key", "tls
 
 
 def cli(host: Host, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    assert host.cfg.source is not None or True
     cfg_file = host.cfg.paths.config_dir.parent / "lobsterd.toml"
     return subprocess.run([sys.executable, "-m", "lobsterd", "--config", str(cfg_file), *args],
                           capture_output=True, text=True, timeout=timeout, check=False)
@@ -67,7 +66,8 @@ def test_spawn_tank_evict_leaves_no_trace(e2e_host: Host) -> None:
     status = Path(f"/proc/{t.vm_pid}/status").read_text()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
     assert uid_line.split()[1:] == [str(t.uid)] * 4
-    assert os.readlink(f"/proc/{t.vm_pid}/root") == str(e2e_host.cfg.paths.tenants_mnt / "demo" / "jail")
+    jail = e2e_host.cfg.paths.tenants_mnt / "demo" / "jail"
+    assert os.readlink(f"/proc/{t.vm_pid}/root") == str(jail)
 
     assert traces(e2e_host, "demo", t.slot)  # sanity: the finder sees a live tenant
     evict(e2e_host, "demo")
@@ -80,7 +80,7 @@ def test_two_parallel_spawns_get_distinct_addresses(e2e_host: Host) -> None:
          str(e2e_host.cfg.paths.config_dir.parent / "lobsterd.toml"), "spawn", n, "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in ("par-a", "par-b")]
     outs = [p.communicate(timeout=400) for p in procs]
-    for p, (so, se) in zip(procs, outs, strict=True):
+    for p, (_, se) in zip(procs, outs, strict=True):
         assert p.returncode == 0, se
     a, b = (json.loads(so) for so, _ in outs)
     assert a["ip"] != b["ip"] and a["uid"] != b["uid"] and a["tap"] != b["tap"]

@@ -14,7 +14,8 @@ def _proc_cmdlines() -> list[tuple[int, str]]:
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             with contextlib.suppress(OSError):
-                out.append((int(p.name), (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+                raw = (p / "cmdline").read_bytes()
+                out.append((int(p.name), raw.replace(b"\0", b" ").decode(errors="replace")))
     return out
 
 
