@@ -22,8 +22,8 @@ from tests.e2e.traces import traces
 
 pytestmark = pytest.mark.e2e
 
-SPAWN_STEPS = ["secrets", "volume", "network", "firewall", "vm", "ssh-key", "tls", "agent",
-               "inject", "caddy", "registry"]
+SPAWN_STEPS = ["secrets", "volume", "network", "firewall", "vm", "ssh-key", "tls", "caddy",
+               "agent", "inject", "registry"]
 
 
 def cli(host: Host, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

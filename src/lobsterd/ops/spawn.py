@@ -144,39 +144,13 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
 
     step("vm", f"booting the VM ({spec.vcpus} vCPU, {spec.mem_mib} MiB, {accel})", boot, kill_vm)
 
-    # These run while the guest boots.
+    # These run while the guest boots (Caddy retries upstreams for 30 s, so a route to a
+    # guest that is still booting is harmless).
     pubkey = (step("ssh-key", "generating the exec key",
                       lambda: ssh.generate_keypair(cfg.paths.ssh_keys, name),
                       lambda: ssh.remove_keypair(cfg.paths.ssh_keys, name)))
     issued: IssuedCert = step("tls", "issuing the guest's TLS certificate",
                   lambda: host.ca.issue_server(name, tenant.guest_ip))
-
-    agent = AgentClient(tenant.guest_ip, cfg.network.agent_port, cfg.network.health_port,
-                        agent_token, timeout_s=cfg.agent.request_timeout_s)
-    step("agent", "waiting for the guest agent",
-         lambda: agent.wait_ready(cfg.agent.connect_timeout_s))
-
-    def inject() -> None:
-        gw_conf = json.loads(json.dumps(cfg.gateway.default_config))
-        gw = gw_conf.setdefault("gateway", {})
-        gw["port"] = cfg.network.gateway_port
-        gw.setdefault("auth", {})["token"] = gateway_token
-        gw.setdefault("controlUi", {}).setdefault("allowedOrigins", []).append(
-            f"https://{rt.hostname(cfg, tenant)}")
-        payload = dict(host.secrets.resolve_for_tenant(name))
-        payload.update({
-            "OPENCLAW_GATEWAY_TOKEN": gateway_token,
-            "OPENCLAW_CONFIG": json.dumps(gw_conf),
-            "SSH_AUTHORIZED_KEY": pubkey,
-            "TLS_SERVER_CERT": issued.cert_pem,
-            "TLS_SERVER_KEY": issued.key_pem,
-            "TLS_CLIENT_CA": host.ca.ca_pem(),
-        })
-        agent.inject_secrets(payload)
-        host.record("secrets.inject", tenant=name, outcome="ok",
-                    details={"names": sorted(payload)})
-
-    step("inject", "injecting the gateway token, config and keys", inject)
 
     def add_routes() -> None:
         from lobsterd.core.caddy_config import tenant_routes
@@ -190,6 +164,35 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
 
     step("caddy", f"routing https://{rt.hostname(cfg, tenant)}", add_routes,
          lambda: _discard(host.caddy.delete_tenant_routes(name)))
+
+    # Everything the guest receives is prepared while it boots.
+    gw_conf = json.loads(json.dumps(cfg.gateway.default_config))
+    gw = gw_conf.setdefault("gateway", {})
+    gw["port"] = cfg.network.gateway_port
+    gw.setdefault("auth", {})["token"] = gateway_token
+    gw.setdefault("controlUi", {}).setdefault("allowedOrigins", []).append(
+        f"https://{rt.hostname(cfg, tenant)}")
+    payload = dict(host.secrets.resolve_for_tenant(name))
+    payload.update({
+        "OPENCLAW_GATEWAY_TOKEN": gateway_token,
+        "OPENCLAW_CONFIG": json.dumps(gw_conf),
+        "SSH_AUTHORIZED_KEY": pubkey,
+        "TLS_SERVER_CERT": issued.cert_pem,
+        "TLS_SERVER_KEY": issued.key_pem,
+        "TLS_CLIENT_CA": host.ca.ca_pem(),
+    })
+
+    agent = AgentClient(tenant.guest_ip, cfg.network.agent_port, cfg.network.health_port,
+                        agent_token, timeout_s=cfg.agent.request_timeout_s)
+    step("agent", "waiting for the guest agent",
+         lambda: agent.wait_ready(cfg.agent.connect_timeout_s))
+
+    def inject() -> None:
+        agent.inject_secrets(payload)
+        host.record("secrets.inject", tenant=name, outcome="ok",
+                    details={"names": sorted(payload)})
+
+    step("inject", "injecting the gateway token, config and keys", inject)
 
     final = step("registry", "marking the tenant active",
                  lambda: host.registry.transition(name, Status.ACTIVE))
