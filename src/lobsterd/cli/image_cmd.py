@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from lobsterd.cli.context import CliState, emit_json, pass_state
 from lobsterd.errors import ImageMissing
+
+if TYPE_CHECKING:
+    from lobsterd.image.artifacts import ImageArtifacts
 
 
 class _StagePrinter:
@@ -38,7 +41,7 @@ class _StagePrinter:
         return now - self.t_start
 
 
-def _summary(art: Any) -> dict[str, Any]:
+def _summary(art: ImageArtifacts) -> dict[str, Any]:
     manifest = art.manifest()
     files = {
         name: {"path": str(art.dir / name), **entry} for name, entry in manifest["files"].items()
@@ -57,6 +60,22 @@ def _summary(art: Any) -> dict[str, Any]:
     }
 
 
+def _up_to_date(art: ImageArtifacts) -> bool | None:
+    """Whether a build now would produce this image (None: cannot tell)."""
+    from lobsterd.errors import LobsterError
+    from lobsterd.image.build import expected_key
+
+    kernel = art.manifest().get("inputs", {}).get("kernel", {})
+    try:
+        return art.key == expected_key(
+            art.variant,
+            kernel_release=kernel.get("release", art.kernel_version),
+            kernel_package_version=kernel.get("package_version", ""),
+        )
+    except (LobsterError, OSError):
+        return None
+
+
 def _print_summary(data: dict[str, Any]) -> None:
     click.echo(f"image     {data['key']} ({data['variant']})")
     click.echo(f"dir       {data['dir']}")
@@ -66,6 +85,8 @@ def _print_summary(data: dict[str, Any]) -> None:
         click.echo(f"  {name:<12} {entry['size'] / 2**20:9.1f} MiB  sha256 {entry['sha256'][:16]}…")
     click.echo(f"modules   {' '.join(data['initramfs_modules'])}")
     click.echo(f"packages  {data['packages']} Debian packages in the rootfs")
+    if data.get("up_to_date") is False:
+        click.echo("stale     guest files or recipe changed since; run: lobsterd image build")
 
 
 @click.group("image")
@@ -120,7 +141,9 @@ def show_cmd(state: CliState, as_json: bool) -> None:
     """Show the current image: key, kernel version, files and sizes."""
     from lobsterd.image.artifacts import find_image
 
-    data = _summary(find_image(state.config))
+    art = find_image(state.config)
+    data = _summary(art)
+    data["up_to_date"] = _up_to_date(art)
     if as_json:
         emit_json(data)
     else:

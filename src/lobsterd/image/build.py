@@ -168,6 +168,28 @@ def compute_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def expected_key(
+    variant: str = "test",
+    *,
+    kernel_release: str = DEFAULT_KERNEL_RELEASE,
+    kernel_package_version: str = DEFAULT_KERNEL_PACKAGE_VERSION,
+    guest_dir: Path = GUEST_DIR,
+) -> str:
+    """The key a build would have now; differs from the current image's when it is stale
+    (a guest file, the busybox or the recipe changed since it was built)."""
+    return compute_key(
+        image_inputs(
+            variant,
+            kernel_release,
+            kernel_package_version,
+            DEFAULT_BASE,
+            load_guest_files(variant, guest_dir),
+            load_init_script(guest_dir),
+            sha256_file(HOST_BUSYBOX),
+        )
+    )
+
+
 def _intact(image_dir: Path) -> ImageArtifacts | None:
     try:
         art = load_image(image_dir)
