@@ -54,8 +54,9 @@ def traces(host: Host, name: str, slot: int) -> dict[str, object]:
     if slot in host.firewall.list_tenant_chains():
         found["nft_chains"] = slot
     with contextlib.suppress(Exception):
-        ids = {r.get("@id") for r in host.caddy.get_routes()}
-        if f"lobster-{name}" in ids or f"lobster-{name}-ws" in ids:
+        from lobsterd.core.caddy_config import tenant_of_route
+
+        if any(tenant_of_route(r) == name for r in host.caddy.get_routes()):
             found["caddy_routes"] = name
     try:
         host.secrets.get_internal(name, rt.AGENT_TOKEN)

@@ -53,8 +53,11 @@ def spawn(
 
     validate_name(name)
     cfg = host.cfg
-    image = find_image(cfg)
     started = time.monotonic()
+    found = host.registry.find(name)
+    if found is not None and found.status is not Status.CREATING:
+        raise TenantExists(f'tenant "{name}" already exists ({found.status.value})')
+    image = find_image(cfg)
     with tenant_lock(cfg.paths.locks, name):
         existing = host.registry.find(name)
         if existing is not None:
