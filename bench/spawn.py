@@ -96,7 +96,8 @@ def main() -> None:
     opts = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/spawn.py needs root")
-    root = Path(tempfile.mkdtemp(prefix="lobsterd-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="lobsterd-bench-", dir="/var/tmp"))
+    root.chmod(0o711)  # Caddy's own user must traverse to its config
     cfg = make_config(root)
     host = Host(cfg)
     init_host(host, accept_risk=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def e2e_config(root: Path, pool: str) -> Config:
 def e2e_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     need_root()
     need_binary("qemu-system-x86_64", "caddy", "nft", "mkfs.ext4")
-    root = Path(tmp_path_factory.mktemp("lobsterd-e2e"))
+    # Caddy runs as its own user and must traverse to its config: not under pytest's
+    # 0700 temp root.
+    root = Path(tempfile.mkdtemp(prefix="lobsterd-e2e-", dir="/var/tmp"))
+    root.chmod(0o711)
     yield root
 
 

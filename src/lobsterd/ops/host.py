@@ -43,16 +43,9 @@ class Host:
 
     @cached_property
     def audit(self) -> AuditLog:
-        from lobsterd.security.audit import AuditLog
+        from lobsterd.security.audit import audit_log_for
 
-        key: bytes | None
-        try:
-            from lobsterd.security.crypto import MasterKey
-
-            key = MasterKey.load(self.cfg).derive("audit")
-        except Exception:
-            key = None
-        return AuditLog(self.cfg.paths.audit_log, key=key)
+        return audit_log_for(self.cfg)
 
     @cached_property
     def vmm(self) -> VmmDriver:
