@@ -49,6 +49,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 def _register() -> None:
     from lobsterd.cli import (
         audit_cmd,
+        certs_cmd,
         config_cmd,
         doctor_cmd,
         image_cmd,
@@ -56,7 +57,8 @@ def _register() -> None:
         tenant_cmds,
     )
 
-    for mod in (tenant_cmds, config_cmd, image_cmd, secrets_cmd, audit_cmd, doctor_cmd):
+    for mod in (tenant_cmds, config_cmd, image_cmd, secrets_cmd, audit_cmd, doctor_cmd,
+                certs_cmd):
         for command in mod.COMMANDS:
             cli.add_command(command)
 

@@ -128,6 +128,14 @@ def init_host(
     for line in reconcile_tenants(host, progress=progress):
         rep.warnings.append(line)
 
+    from lobsterd.ops.certs import rotate_guest_certs
+
+    rotation = rotate_guest_certs(host)
+    if rotation.rotated:
+        rep.done.append("rotated guest certificates: " + ", ".join(rotation.rotated))
+    for tenant, err in rotation.failed.items():
+        rep.warnings.append(f'tenant "{tenant}": certificate rotation failed: {err}')
+
     host.record("init", tenant=None, outcome="ok", details={"done": len(rep.done)})
     return rep
 

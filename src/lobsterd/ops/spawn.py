@@ -197,8 +197,12 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
 
     step("inject", "injecting the gateway token, config and keys", inject)
 
-    final = step("registry", "marking the tenant active",
-                 lambda: host.registry.transition(name, Status.ACTIVE))
+    def activate() -> Tenant:
+        runtime = {**host.registry.get(name).runtime,
+                   "tls_not_after": issued.not_after.isoformat()}
+        return host.registry.transition(name, Status.ACTIVE, runtime=runtime)
+
+    final = step("registry", "marking the tenant active", activate)
     return accel, final
 
 
