@@ -80,3 +80,17 @@ def test_proc_run_errors() -> None:
         run(["sleep", "5"], timeout=0.2)
     with pytest.raises(ExecFailed, match="cannot execute"):
         run(["/nonexistent/binary"])
+
+
+def test_undo_if_failed_cleans_a_half_done_step() -> None:
+    log: list[str] = []
+    r = StepRunner()
+
+    def half_done() -> None:
+        log.append("created something")
+        raise OSError("then failed")
+
+    with pytest.raises(OSError):
+        r.step("vm", "", half_done, lambda: log.append("undo vm"), undo_if_failed=True)
+    assert r.rollback() == (1, 1)
+    assert log == ["created something", "undo vm"]

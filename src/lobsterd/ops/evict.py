@@ -61,7 +61,7 @@ def teardown(host: Host, tenant: Tenant, *, progress: Progress = no_progress) ->
             handle = VmHandle.from_dict(vm)
             _ask_guest_to_power_off(host, tenant)
             host.vmm.stop(handle, cfg.vm.stop_timeout_s)
-        host.vmm.kill_orphans(tenant.name)  # type: ignore[attr-defined]
+        host.vmm.kill_orphans(tenant.name)
 
     attempt("vm", "stopping the VM", stop_vm)
     tnet = host.tenant_net(tenant)

@@ -34,7 +34,7 @@ def _mkdir(path: Path, mode: int) -> bool:
     return not existed
 
 
-def init_host(
+def init_host(  # noqa: PLR0912 - one linear checklist
     host: Host,
     *,
     config_path: str | None = None,

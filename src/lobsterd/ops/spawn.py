@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets as pysecrets
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -121,7 +122,7 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
     volume = TenantVolume(cfg, name)
     size = cfg.storage.overlay_size_mib
     step("volume", f"creating the tenant filesystem ({size} MiB overlay)",
-         lambda: volume.create(size), volume.destroy)
+         lambda: volume.create(size), volume.destroy, undo_if_failed=True)
 
     step("network", f"creating TAP {tenant.tap} ({tenant.host_ip} ↔ {tenant.guest_ip})",
          lambda: net.create_tap(tenant.tap, tenant.host_ip, 30),
@@ -144,8 +145,11 @@ def _run_steps(host: Host, runner: StepRunner, tenant: Tenant, image: Any) -> tu
     def kill_vm() -> None:
         for h in handles:
             host.vmm.kill(h)
+        host.vmm.kill_orphans(name)
+        shutil.rmtree(spec.run_dir, ignore_errors=True)
 
-    step("vm", f"booting the VM ({spec.vcpus} vCPU, {spec.mem_mib} MiB, {accel})", boot, kill_vm)
+    step("vm", f"booting the VM ({spec.vcpus} vCPU, {spec.mem_mib} MiB, {accel})", boot, kill_vm,
+         undo_if_failed=True)
 
     # These run while the guest boots (Caddy retries upstreams for 30 s, so a route to a
     # guest that is still booting is harmless).

@@ -46,13 +46,19 @@ class StepRunner:
         detail: str,
         do: Callable[[], T],
         undo: Callable[[], None] | None = None,
+        *,
+        undo_if_failed: bool = False,
     ) -> T:
+        """Run one step. With ``undo_if_failed`` the undo is registered before ``do`` runs,
+        for steps that can leave something behind even when they fail half-way."""
         self.progress(name, detail, None)
         start = time.monotonic()
+        if undo is not None and undo_if_failed:
+            self._undo.append((name, undo))
         result = do()
         elapsed = time.monotonic() - start
         self.timings[name] = self.timings.get(name, 0.0) + elapsed
-        if undo is not None:
+        if undo is not None and not undo_if_failed:
             self._undo.append((name, undo))
         self.progress(name, detail, elapsed)
         if self.fault_after == name:

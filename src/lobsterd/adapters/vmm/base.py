@@ -87,6 +87,10 @@ class VmmDriver(Protocol):
     def kill(self, handle: VmHandle) -> None:
         """Immediate kill + cgroup cleanup; idempotent."""
 
+    def kill_orphans(self, tenant: str) -> int:
+        """Kill VMM processes of ``tenant`` not known to the registry (a crash between
+        process start and the registry write); returns how many were killed."""
+
     def pause(self, handle: VmHandle) -> None: ...
 
     def resume(self, handle: VmHandle) -> None: ...
