@@ -420,7 +420,8 @@ def install_file(root: Path, gf: GuestFile) -> None:
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(gf.data)
-    os.chown(target, 0, 0)
+    if os.geteuid() == 0:
+        os.chown(target, 0, 0)
     target.chmod(gf.mode)
 
 
