@@ -18,7 +18,7 @@ packages=(
   python3 python3-venv python3-pip
   qemu-system-x86 qemu-utils
   e2fsprogs util-linux kmod
-  debootstrap busybox-static cpio lz4 zstd xz-utils dpkg-dev
+  debootstrap debian-archive-keyring busybox-static cpio lz4 zstd xz-utils dpkg-dev
   nftables iptables iproute2
   caddy openssh-client ca-certificates
 )

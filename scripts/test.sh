@@ -16,5 +16,10 @@ echo "==> mypy --strict"
 "$venv/bin/mypy"
 
 export LOBSTERD_TEST_CACHE="${LOBSTERD_TEST_CACHE:-/var/cache/lobsterd-test}"
+echo "==> guest image (cached in $LOBSTERD_TEST_CACHE; rebuilt only when an input changed)"
+cfg="$(mktemp)"
+trap 'rm -f "$cfg"' EXIT
+printf '[paths]\ncache_dir = "%s"\n' "$LOBSTERD_TEST_CACHE" > "$cfg"
+"$venv/bin/lobsterd" --config "$cfg" image build
 echo "==> pytest (unit, integration, e2e)"
-exec "$venv/bin/pytest" "$@"
+"$venv/bin/pytest" "$@"

@@ -102,12 +102,14 @@ def init_host(  # noqa: PLR0912 - one linear checklist
     if build_image:
         from lobsterd.errors import ImageMissing
         from lobsterd.image.artifacts import find_image
+        from lobsterd.image.build import build_image as build
+        from lobsterd.image.build import expected_key
 
         try:
-            find_image(cfg)
+            current: str | None = find_image(cfg).key
         except ImageMissing:
-            from lobsterd.image.build import build_image as build
-
+            current = None
+        if current != expected_key():
             progress("image", "building the guest image (first run takes a few minutes)", None)
             art = build(
                 cfg, progress=lambda stage, detail: progress(f"image:{stage}", detail, None))
