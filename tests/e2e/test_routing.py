@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import ssl
 import subprocess
@@ -55,12 +56,17 @@ def nft_table() -> str:
 @pytest.fixture(scope="module")
 def two(e2e_host: Host):  # type: ignore[no-untyped-def]
     before = nft_table()
+    store = e2e_host.secrets
+    store.set("SHARED_KEY", "shared-" + secrets.token_hex(8))
+    store.set("ALPHA_KEY", "alpha-" + secrets.token_hex(8), tenant="alpha")
+    store.set("BETA_KEY", "beta-" + secrets.token_hex(8), tenant="beta")
     for n in ("alpha", "beta"):
         spawn(e2e_host, n)
     yield e2e_host, before
     for n in ("alpha", "beta"):
         if e2e_host.registry.find(n):
             evict(e2e_host, n)
+    store.rm("SHARED_KEY")
 
 
 def test_each_host_name_reaches_its_own_tenant(two: tuple[Host, str]) -> None:
@@ -69,6 +75,23 @@ def test_each_host_name_reaches_its_own_tenant(two: tuple[Host, str]) -> None:
         status, body = https_get(host, n)
         assert status == 200, body
         assert json.loads(body)["tenant"] == n
+
+
+def test_each_tenant_got_its_own_secrets_only(two: tuple[Host, str]) -> None:
+    host, _ = two
+    injected = {}
+    for n in ("alpha", "beta"):
+        recs = [r for r in host.audit.tail(200, tenant=n) if r["action"] == "secrets.inject"]
+        assert recs, f"no secrets.inject record for {n}"
+        injected[n] = set(recs[-1]["details"]["names"])
+    assert {"SHARED_KEY", "ALPHA_KEY"} <= injected["alpha"]
+    assert "BETA_KEY" not in injected["alpha"]
+    assert {"SHARED_KEY", "BETA_KEY"} <= injected["beta"]
+    assert "ALPHA_KEY" not in injected["beta"]
+    audit_text = host.cfg.paths.audit_log.read_text()
+    for name, scope in (("SHARED_KEY", None), ("ALPHA_KEY", "alpha"), ("BETA_KEY", "beta")):
+        value = host.secrets.get(name, tenant=scope)
+        assert value and value not in audit_text
 
 
 def test_unknown_host_reaches_no_tenant(two: tuple[Host, str]) -> None:
@@ -122,6 +145,9 @@ def test_no_secret_in_registry_tank_audit_or_argv(two: tuple[Host, str]) -> None
     host, _ = two
     t = host.registry.get("alpha")
     values = [host.secrets.get_internal("alpha", k) for k in (rt.AGENT_TOKEN, rt.GATEWAY_TOKEN)]
+    values += [v for v in (host.secrets.get("SHARED_KEY"), host.secrets.get("ALPHA_KEY", "alpha"))
+               if v]
+    assert len(values) == 4
     blobs = {
         "registry": host.cfg.paths.registry.read_bytes(),
         "secrets.db": host.cfg.paths.secrets_db.read_bytes(),
@@ -181,3 +207,4 @@ def test_evict_restores_the_ruleset(two: tuple[Host, str]) -> None:
         evict(host, n)
         assert traces(host, n, slot) == {}
     assert nft_table() == before
+
