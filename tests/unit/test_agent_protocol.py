@@ -351,6 +351,63 @@ def test_gateway_is_restarted_with_backoff_and_output_captured(tmp_path: Path) -
             ag._gateway_out.removeHandler(h)
 
 
+def test_kill_stale_gateway_checks_pid_and_start_time(tmp_path: Path) -> None:
+    import subprocess
+
+    pid_file = tmp_path / "gateway.pid"
+    sup = ag.GatewaySupervisor(("x",), pid_file, tmp_path)
+    victim = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        start = ag.process_start_time(Path("/proc"), victim.pid)
+        assert start
+        pid_file.write_text(f"{victim.pid} {int(start) + 1}\n")  # a recycled pid
+        assert sup.kill_stale() is False
+        assert victim.poll() is None
+        for junk in ("", "garbage", "1 0", f"{victim.pid}"):
+            pid_file.write_text(junk)
+            assert sup.kill_stale() is False
+        pid_file.write_text(f"{victim.pid} {start}\n")
+        assert sup.kill_stale() is True
+        assert victim.wait(5) == -9
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait()
+
+
+def test_gateway_restart_retries_when_the_binary_is_missing(tmp_path: Path) -> None:
+    gw = tmp_path / "gw"
+    stop = tmp_path / "stop"
+    gw.write_text(
+        f"#!/bin/sh\necho started >> {tmp_path / 'starts'}\n"
+        f"while [ ! -e {stop} ]; do sleep 0.05; done\nexit 1\n"
+    )
+    gw.chmod(0o755)
+    a = make_agent(tmp_path, gateway_cmd=(str(gw),))
+    try:
+        a.gateway.BACKOFF_MIN_S = a.gateway._backoff = 0.05
+        a._state.secrets["OPENCLAW_GATEWAY_TOKEN"] = "t"
+        text = gw.read_text()
+        gw.unlink()
+        with pytest.raises(FileNotFoundError):
+            a.gateway.ensure(a._gateway_env() or {})
+        gw.write_text(text)
+        gw.chmod(0o755)
+        authed(a, "ensure-gateway")
+        _wait_for(tmp_path / "starts")
+        gw.unlink()
+        stop.touch()  # the gateway exits; its restart fails with ENOENT...
+        time.sleep(0.3)  # ...and the supervisor must keep trying
+        gw.write_text(text)
+        gw.chmod(0o755)
+        deadline = time.monotonic() + 10
+        while (tmp_path / "starts").read_text().count("started") < 2:
+            assert time.monotonic() < deadline, "supervisor gave up after a failed restart"
+            time.sleep(0.05)
+    finally:
+        a.close()
+
+
 def test_backoff_grows_and_is_capped() -> None:
     sup = ag.GatewaySupervisor(("true",), Path("/nonexistent/pid"), Path("/"))
     delays = []

@@ -299,6 +299,16 @@ def count_established(
     return counts
 
 
+def process_start_time(proc_root: Path, pid: int) -> str:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks); '' if unreadable."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rpartition(")")[2].split()  # the command name may contain spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for line in text.splitlines():
@@ -338,8 +348,11 @@ class GatewaySupervisor:
     STABLE_S = 30.0
     STOP_GRACE_S = 3.0
 
-    def __init__(self, cmd: tuple[str, ...], pid_file: Path, cwd: Path) -> None:
+    def __init__(
+        self, cmd: tuple[str, ...], pid_file: Path, cwd: Path, proc_root: Path = Path("/proc")
+    ) -> None:
         self._cmd = cmd
+        self._proc_root = proc_root
         self._pid_file = pid_file
         self._cwd = cwd
         self._lock = threading.RLock()
@@ -356,17 +369,22 @@ class GatewaySupervisor:
         with self._lock:
             return self._proc.pid if self._proc is not None else None
 
-    def kill_stale(self, proc_root: Path) -> None:
-        """Kill a gateway left behind by a previous agent (same command line only)."""
+    def kill_stale(self) -> bool:
+        """Kill the gateway left behind by a previous agent (e.g. one that was SIGKILLed).
+
+        The pid file holds the pid *and* its start time, so a recycled pid is never hit.
+        """
         try:
-            pid = int(self._pid_file.read_text().strip())
-            cmdline = (proc_root / str(pid) / "cmdline").read_bytes()
+            pid_s, start_s = self._pid_file.read_text().split()
+            pid = int(pid_s)
         except (OSError, ValueError):
-            return
-        if cmdline.rstrip(b"\0").split(b"\0") == [c.encode() for c in self._cmd]:
-            log.warning("killing stale gateway pid %d from a previous agent", pid)
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+            return False
+        if pid <= 1 or start_s != process_start_time(self._proc_root, pid):
+            return False
+        log.warning("killing the gateway (pid %d) left by a previous agent", pid)
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)  # it leads its own session and group
+        return True
 
     def ensure(self, env: dict[str, str]) -> str:
         """Make sure the gateway runs with ``env``: 'running', 'started' or 'restarted'."""
@@ -413,7 +431,8 @@ class GatewaySupervisor:
         self._started_at = time.monotonic()
         with contextlib.suppress(OSError):
             self._pid_file.parent.mkdir(parents=True, exist_ok=True)
-            self._pid_file.write_text(f"{proc.pid}\n")
+            start = process_start_time(self._proc_root, proc.pid)
+            self._pid_file.write_text(f"{proc.pid} {start}\n")
         log.info("gateway started, pid %d", proc.pid)
         threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
         threading.Thread(target=self._watch, args=(proc,), daemon=True).start()
@@ -452,18 +471,26 @@ class GatewaySupervisor:
             ran = time.monotonic() - self._started_at
             if ran >= self.STABLE_S:
                 self._backoff = self.BACKOFF_MIN_S
-            delay = self._backoff
-            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX_S)
+            delay = self._next_delay()
         log.warning("gateway exited with status %s after %.1fs; restart in %.1fs", rc, ran, delay)
-        if self._stop_evt.wait(delay):
-            return
-        with self._lock:
-            if self._want and self._proc is None and self._env is not None:
+        while not self._stop_evt.wait(delay):
+            with self._lock:
+                if not self._want or self._proc is not None or self._env is None:
+                    return  # stopped, or ensure() already started a new one
                 self.restarts += 1
                 try:
                     self._spawn()
+                    return
                 except OSError as exc:
-                    log.error("gateway restart failed: %s", exc.strerror or exc)
+                    delay = self._next_delay()
+                    log.error(
+                        "gateway restart failed: %s; next try in %.1fs", exc.strerror or exc, delay
+                    )
+
+    def _next_delay(self) -> float:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, self.BACKOFF_MAX_S)
+        return delay
 
 
 # --------------------------------------------------------------------------- agent
@@ -518,7 +545,10 @@ class Agent:
         self._power_off = power_off or self._default_power_off
         self._tls_front: Any = None
         self.gateway = GatewaySupervisor(
-            settings.gateway_cmd, settings.run_dir / "gateway.pid", settings.home
+            settings.gateway_cmd,
+            settings.run_dir / "gateway.pid",
+            settings.home,
+            settings.proc_root,
         )
         self._listeners: list[socket.socket] = []
         self._slots = threading.BoundedSemaphore(settings.max_connections)
@@ -1051,7 +1081,7 @@ def main() -> int:
         log.error("cannot listen on %s: %s", params.ip, exc)
         return 1
     # Only once the ports are ours: a second agent must not kill the first one's gateway.
-    agent.gateway.kill_stale(settings.proc_root)
+    agent.gateway.kill_stale()
     agent.serve()
     log.info(
         "listening on %s:%d (control) and :%d (health)",
