@@ -296,6 +296,22 @@ def test_inject_secrets_validation(agent: ag.Agent, secrets: object, error: str)
     assert agent._state.secrets == {}  # nothing half-applied
 
 
+def test_tls_material_without_front_module_is_an_error(
+    agent: ag.Agent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ag, "_load_tls_front", lambda: None)
+    tls = {"TLS_SERVER_CERT": "c", "TLS_SERVER_KEY": "k", "TLS_CLIENT_CA": "ca"}
+    reply = authed(agent, "inject-secrets", secrets=tls)
+    assert reply["error"].startswith("TLS front unavailable")
+
+
+def test_bad_tls_material_is_an_error_without_echoing_it(agent: ag.Agent) -> None:
+    tls = {"TLS_SERVER_CERT": "c", "TLS_SERVER_KEY": "not-a-key-SECRET", "TLS_CLIENT_CA": "ca"}
+    reply = authed(agent, "inject-secrets", secrets=tls)
+    assert reply["error"].startswith("TLS front failed")
+    assert "SECRET" not in reply["error"]
+
+
 def test_inject_without_token_does_not_start_gateway(agent: ag.Agent) -> None:
     reply = authed(agent, "inject-secrets", secrets={"SOME_KEY": "v"})
     assert reply["gateway"] == "no-token"

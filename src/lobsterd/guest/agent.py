@@ -710,6 +710,8 @@ class Agent:
             tls = self._apply_tls()
         else:
             tls = "running" if self._tls_front is not None else "absent"
+        if tls == "unavailable":
+            return _err("TLS front unavailable: tls_front.py is missing from the guest image")
         if tls.startswith("failed"):
             return _err(f"TLS front {tls}")
         try:
