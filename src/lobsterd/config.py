@@ -138,6 +138,19 @@ class NetworkConfig(_Section):
             raise ValueError("needs at least a /29")
         return v
 
+    @field_validator("egress_allow")
+    @classmethod
+    def _egress(cls, v: list[str]) -> list[str]:
+        from lobsterd.core.firewall import parse_egress_entry
+        from lobsterd.errors import ValidationFailed
+
+        for item in v:
+            try:
+                parse_egress_entry(item)
+            except ValidationFailed as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
     @field_validator("blocked_cidrs")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:

@@ -32,6 +32,8 @@ def test_default_text_parses(tmp_path: Path) -> None:
         ("[network]\npool = '10.0.0.1/8'\n", "network.pool"),
         ("[caddy]\ndomain = 'Bad_Domain'\n", "caddy.domain"),
         ("[network]\nblocked_cidrs = ['nope']\n", "network.blocked_cidrs"),
+        ("[network]\negress_allow = ['10.0.0.0/33']\n", "network.egress_allow"),
+        ("[network]\negress_allow = ['203.0.113.0/24:70000']\n", "port must be 1-65535"),
         ("[vm\n", "not valid TOML"),
     ],
 )
