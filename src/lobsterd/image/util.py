@@ -7,11 +7,9 @@ that the next build removes, never a half-written artefact under the final name.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,25 +37,19 @@ def sha256_file(path: Path) -> str:
 
 @contextmanager
 def build_lock(path: Path, what: str, wait_s: float = 3600.0) -> Iterator[None]:
-    """Serialise builders across processes with an ``flock`` (dropped if the holder dies)."""
+    """Serialise builders across processes (the lock dies with its holder)."""
+    from lobsterd.adapters.flock import exclusive
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ImageBuildFailed(
-                        f"another process has been building the {what} for too long",
-                        hint=f"check for a stuck lobsterd process holding {path}",
-                    ) from None
-                time.sleep(0.2)
+
+    def stuck() -> ImageBuildFailed:
+        return ImageBuildFailed(
+            f"another process has been building the {what} for too long",
+            hint=f"check for a stuck lobsterd process holding {path}",
+        )
+
+    with exclusive(path, wait_s=wait_s, on_timeout=stuck, interval_s=0.2, mode=0o644):
         yield
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:
