@@ -49,6 +49,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 def _register() -> None:
     from lobsterd.cli import (
         audit_cmd,
+        caddy_cmd,
         certs_cmd,
         config_cmd,
         doctor_cmd,
@@ -58,7 +59,7 @@ def _register() -> None:
     )
 
     for mod in (tenant_cmds, config_cmd, image_cmd, secrets_cmd, audit_cmd, doctor_cmd,
-                certs_cmd):
+                certs_cmd, caddy_cmd):
         for command in mod.COMMANDS:
             cli.add_command(command)
 
