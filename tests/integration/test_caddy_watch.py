@@ -101,6 +101,20 @@ def watcher_log(sup: CaddySupervisor) -> str:
         return ""
 
 
+def log_has(sup: CaddySupervisor, text: str) -> Callable[[], bool]:
+    return lambda: text in watcher_log(sup)
+
+
+def caddy_replaced(sup: CaddySupervisor, old: int) -> Callable[[], bool]:
+    """A Caddy other than ``old`` runs and answers."""
+
+    def check() -> bool:
+        pid = sup.status().pid
+        return pid is not None and pid != old and sup.admin().is_up()
+
+    return check
+
+
 @pytest.fixture
 def root() -> Iterator[Path]:
     need_root()
@@ -256,6 +270,39 @@ def test_route_reapply_failure_is_logged_and_caddy_keeps_running(
     after = sup.status()
     assert after.running and after.admin_ok and after.watcher_pid == st.watcher_pid
     assert sup.admin().get_routes() == [cc.fallback_route()]
+
+
+def test_ensure_running_cuts_a_long_backoff_short(sup: CaddySupervisor) -> None:
+    sup.ensure_running()
+    for delay in ("0.2", "0.4", "0.8", "1.6", "3.2"):  # a crash loop builds up the backoff
+        pid = sup.status().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        line = f"restarting Caddy in {delay}s"
+        wait_for(log_has(sup, line), 5, line)
+        if delay != "3.2":
+            wait_for(caddy_replaced(sup, pid), 10, "restarted")
+    t0 = time.monotonic()
+    st = sup.ensure_running()  # wakes the watcher (SIGUSR1) instead of waiting 3.2 s
+    assert time.monotonic() - t0 < 2.5
+    assert st.running and st.admin_ok
+
+
+def test_the_last_ensure_running_settings_survive_a_restart(sup: CaddySupervisor) -> None:
+    st = sup.ensure_running()
+    assert st.pid is not None
+    new_port = free_port()
+    changed = sup.cfg.model_copy(
+        update={"caddy": sup.cfg.caddy.model_copy(update={"https_port": new_port})})
+    sup2 = CaddySupervisor(changed, user=caddy_user(), bind_host="127.0.0.1",
+                           use_systemd=False)
+    assert sup2.ensure_running().watcher_pid == st.watcher_pid  # same watcher, live /load
+    os.kill(st.pid, signal.SIGKILL)
+    wait_for(lambda: sup2.status().pid not in (None, st.pid) and sup2.admin().is_up(), 10,
+             "restart")
+    server = sup2.admin().get_config()["apps"]["http"]["servers"][cc.SERVER]
+    assert server["listen"] == [f"127.0.0.1:{new_port}"]
+    assert f'"https_port": {new_port}'.encode() in sup2.config_file.read_bytes()
 
 
 # -- start, stop, identity ---------------------------------------------------------------

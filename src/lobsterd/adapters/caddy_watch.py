@@ -278,13 +278,14 @@ class Watcher:
         return 0
 
     def _sleep(self, delay_s: float) -> None:
+        """The backoff; SIGUSR1 (also one that came just before) or a stop ends it."""
         deadline = time.monotonic() + delay_s
-        self._hurry = False
         while not self.stopping and not self._hurry:
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                break
             self._poll([self._wake_r], left)
+        self._hurry = False
 
     def _wait_exit(self, caddy: _Caddy) -> bool:
         """Block until Caddy exits (True) or a stop is requested (False)."""
