@@ -250,7 +250,7 @@ class Watcher:
                 try:
                     self.sup.prepare()
                     child = self.sup.spawn_caddy()
-                except LobsterError as exc:
+                except (LobsterError, OSError) as exc:
                     self.log(f"cannot start Caddy: {exc}")
                     if first:
                         return 2  # ensure_running reports that line and cleans up
