@@ -52,6 +52,8 @@ class FakeAgent:
                 if not chunk:
                     break
                 buf += chunk
+            if not buf:
+                return  # a bare connect (a readiness probe) sends nothing
             self.raw.append(buf)
             req = json.loads(buf)
             self.requests.append(req)
