@@ -41,7 +41,8 @@ from lobsterd.ops.spawn import spawn  # noqa: E402
 
 CACHE = Path(os.environ.get("LOBSTERD_TEST_CACHE", "/var/cache/lobsterd-test"))
 POOL = "10.232.0.0/24"
-BARE_TAP, BARE_HOST, BARE_GUEST = "lbtbench", "10.232.0.249", "10.232.0.250"
+# Outside the tenant pool and not named lbt*: lobsterd's firewall leaves it alone.
+BARE_TAP, BARE_HOST, BARE_GUEST = "lbbare0", "10.239.0.1", "10.239.0.2"
 
 
 def make_config(root: Path) -> Config:

@@ -1091,6 +1091,10 @@ def main() -> int:
         params.agent_port,
         params.health_port,
     )
+    # The host injects TLS material right after it sees us listening; importing ssl
+    # costs most of a second under emulation, so do it while the host's request is in
+    # flight instead of inside it.
+    threading.Thread(target=_load_tls_front, name="prewarm", daemon=True).start()
     while not agent.stopped.wait(1.0):
         pass
     agent.stop_listening()
