@@ -1077,6 +1077,10 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The host's first request carries TLS material; importing ssl costs most of a second
+    # under emulation. Pay it before announcing readiness, so that "ready" means every
+    # request is answered promptly.
+    _load_tls_front()
     try:
         agent.bind()
     except OSError as exc:
@@ -1091,10 +1095,6 @@ def main() -> int:
         params.agent_port,
         params.health_port,
     )
-    # The host injects TLS material right after it sees us listening; importing ssl
-    # costs most of a second under emulation, so do it while the host's request is in
-    # flight instead of inside it.
-    threading.Thread(target=_load_tls_front, name="prewarm", daemon=True).start()
     while not agent.stopped.wait(1.0):
         pass
     agent.stop_listening()
