@@ -25,6 +25,7 @@ from lobsterd.security.ca import (
     HostCA,
     guest_server_name,
 )
+from tests.helpers import need
 
 
 @pytest.fixture
@@ -163,11 +164,9 @@ def test_client_cert_is_issued_once_with_client_eku(ca: HostCA) -> None:
 
 
 def test_client_key_is_group_readable_by_the_caddy_group(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("setting a file's group to another group needs root")
-    group = grp.getgrgid(65534).gr_name if _gid_exists(65534) else None
-    if group is None:
-        pytest.skip("no gid 65534 group to stand in for caddy")
+    need(os.geteuid() == 0, "setting a file's group to another group needs root")
+    need(_gid_exists(65534), "no gid 65534 group to stand in for caddy")
+    group = grp.getgrgid(65534).gr_name
     ca = HostCA(tmp_path / "ca", caddy_group=group)
     _, key_path = ca.client_cert()
     st = key_path.stat()
