@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -166,8 +167,25 @@ class _Caddy:
         caddy_mod._Process.children.pop(self.pid, None)
 
 
+ROTATE_EVERY_S = 6 * 3600.0
+"""How often the watcher looks for TLS certificates due for rotation (guest server
+certificates live 30 days and are replaced 7 days before expiry)."""
+
+
+def periodic(
+    stop: threading.Event, every_s: float, job: Callable[[], None], log: Callable[[str], None]
+) -> None:
+    """Run ``job`` every ``every_s`` seconds until ``stop`` is set; a failing job is
+    logged and tried again at the next period."""
+    while not stop.wait(every_s):
+        try:
+            job()
+        except Exception as exc:
+            log(f"periodic job failed: {type(exc).__name__}: {exc}")
+
+
 class Watcher:
-    def __init__(self, state_file: Path) -> None:
+    def __init__(self, state_file: Path, rotate_every_s: float = ROTATE_EVERY_S) -> None:
         self.state_file = state_file
         self.sup = load_supervisor(state_file)
         self.log = _Log(self.sup.watcher_log)
@@ -176,6 +194,8 @@ class Watcher:
         self.stopping = False
         self._hurry = False
         self._reapply = threading.Event()
+        self._stopped = threading.Event()
+        self.rotate_every_s = rotate_every_s
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- signals -----------------------------------------------------------------------
@@ -218,6 +238,12 @@ class Watcher:
         caddy_mod._write_private(self.sup.watcher_pid_file, f"{os.getpid()}\n")
         self.log(f"watching Caddy (config {self.sup.config_file})")
         threading.Thread(target=self._reapply_worker, name="routes", daemon=True).start()
+        threading.Thread(
+            target=periodic,
+            args=(self._stopped, self.rotate_every_s, self._rotate_certs, self.log),
+            name="certs",
+            daemon=True,
+        ).start()
         try:
             code = self._loop()
         except Exception:
@@ -311,6 +337,7 @@ class Watcher:
     def _shutdown(self) -> None:
         """Asked to stop (or the first start failed): Caddy goes with us."""
         self.stopping = True
+        self._stopped.set()
         self._reapply.set()  # lets the worker see the stop
         caddy = self.caddy
         if caddy is not None:
@@ -370,6 +397,30 @@ class Watcher:
             self.log(f"tenant routes re-applied ({len(tenants)} tenant(s)) in {ms:.0f} ms")
         except LobsterError as exc:
             self.log(f"re-applying tenant routes failed: {exc}")
+        finally:
+            registry = host.__dict__.get("registry")
+            if isinstance(registry, Registry):
+                registry.close()
+
+
+    def _rotate_certs(self) -> None:
+        """Rotate guest certificates that are due and refresh Caddy's client certificate
+        and routes: the watcher is lobsterd's one long-running process on hosts without
+        systemd, so expiry never depends on someone re-running ``init``."""
+        from lobsterd.ops.certs import rotate_guest_certs
+        from lobsterd.ops.host import Host
+        from lobsterd.ops.reconcile import reconcile_caddy
+        from lobsterd.registry import Registry
+
+        if not self.sup.cfg.paths.registry.exists():
+            return
+        host = Host(self.sup.cfg)
+        try:
+            report = rotate_guest_certs(host)
+            reconcile_caddy(host)
+            if report.rotated or report.failed:
+                self.log(f"certificates rotated: {report.rotated or '-'}; "
+                         f"failed: {sorted(report.failed) or '-'}")
         finally:
             registry = host.__dict__.get("registry")
             if isinstance(registry, Registry):
