@@ -55,7 +55,10 @@ class FakeAgent:
             if not buf:
                 return  # a bare connect (a readiness probe) sends nothing
             self.raw.append(buf)
-            req = json.loads(buf)
+            try:
+                req = json.loads(buf)
+            except ValueError:
+                return  # not a request (a probe or a torn write): just close
             self.requests.append(req)
             out = self.respond(req)
             if out is None:
