@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from lobsterd.adapters.caddy import CaddyAdmin, CaddySupervisor
+from lobsterd.adapters.caddy import CaddySupervisor
+from lobsterd.adapters.caddy_admin import CaddyAdmin
 from lobsterd.config import Config
 from lobsterd.core import caddy_config as cc
 from lobsterd.errors import CaddyApiError

@@ -34,7 +34,8 @@ from pathlib import Path
 from types import FrameType
 
 from lobsterd.adapters import caddy as caddy_mod
-from lobsterd.adapters.caddy import CaddyAdmin, CaddySupervisor
+from lobsterd.adapters.caddy import CaddySupervisor
+from lobsterd.adapters.caddy_admin import CaddyAdmin
 from lobsterd.config import Config
 from lobsterd.errors import ConfigInvalid, LobsterError
 

@@ -15,7 +15,7 @@ from lobsterd.config import Config
 from lobsterd.registry import Registry, Tenant, open_registry
 
 if TYPE_CHECKING:
-    from lobsterd.adapters.caddy import CaddyAdmin
+    from lobsterd.adapters.caddy_admin import CaddyAdmin
     from lobsterd.adapters.firewall import Firewall
     from lobsterd.adapters.vmm.base import VmmDriver
     from lobsterd.core.firewall import HostNet, TenantNet
@@ -103,7 +103,7 @@ class Host:
 
     @cached_property
     def caddy(self) -> CaddyAdmin:
-        from lobsterd.adapters.caddy import CaddyAdmin
+        from lobsterd.adapters.caddy_admin import CaddyAdmin
 
         return CaddyAdmin(self.cfg.paths.run_dir / "caddy" / "admin.sock")
 
