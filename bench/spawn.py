@@ -84,7 +84,7 @@ def bare_boot(cfg: Config, image: object, overlay: Path, accel: str) -> float:
                             stderr=subprocess.DEVNULL)
     os.close(fd)
     try:
-        agent.wait_ready(180)
+        agent.wait_ready(180, interval_s=0.03)  # the same polling as spawn
         return time.monotonic() - start
     finally:
         proc.kill()
