@@ -32,6 +32,7 @@ from lobsterd.adapters.agent_client import AgentClient  # noqa: E402
 from lobsterd.adapters.kvm import detect_accel, host_tsc_khz  # noqa: E402
 from lobsterd.config import Config  # noqa: E402
 from lobsterd.core.bootargs import build_boot_args  # noqa: E402
+from lobsterd.core.qemu_argv import KVM_CPU, TCG_CPU, TCG_TB_SIZE_MIB  # noqa: E402
 from lobsterd.image.artifacts import find_image  # noqa: E402
 from lobsterd.ops import tenant_runtime as rt  # noqa: E402
 from lobsterd.ops.evict import evict  # noqa: E402
@@ -66,8 +67,10 @@ def bare_boot(cfg: Config, image: object, overlay: Path, accel: str) -> float:
         tsc_khz=host_tsc_khz(), debug_console=False)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(overlay), "256M"], check=True, timeout=60)
     fd = net.open_tap_fd(BARE_TAP)
-    accel_args = (["-accel", "tcg,thread=multi", "-cpu", "max"] if accel == "tcg"
-                  else ["-accel", "kvm", "-cpu", "host"])
+    # The same CPU model and accelerator settings as lobsterd: a different -cpu changes
+    # TCG boot time by more than a second and would swamp the comparison.
+    accel_args = (["-accel", f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}", "-cpu", TCG_CPU]
+                  if accel == "tcg" else ["-accel", "kvm", "-cpu", KVM_CPU])
     argv = [cfg.vm.qemu_binary, "-M", "microvm,x-option-roms=off,isa-serial=off", "-nodefaults",
             "-no-user-config", "-display", "none", *accel_args, "-smp", "1", "-m", "256M",
             "-kernel", str(image.bzimage), "-initrd", str(image.initrd),  # type: ignore[attr-defined]
