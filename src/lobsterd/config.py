@@ -105,6 +105,9 @@ class VmConfig(_Section):
     vcpus: Annotated[int, Field(ge=1, le=32)] = 2
     mem_mib: Annotated[int, Field(ge=128, le=1_048_576)] = 1024
     cgroup_mem_overhead_mib: Annotated[int, Field(ge=0)] = 256
+    # CPU for the VMM's own threads (I/O, emulation) on top of one CPU per vCPU, in
+    # percent of one CPU: a quota of exactly the vCPU count starves the I/O thread.
+    cgroup_cpu_overhead_pct: Annotated[int, Field(ge=0, le=400)] = 50
     boot_timeout_s: Annotated[float, Field(gt=0, le=600)] = 90.0
     stop_timeout_s: Annotated[float, Field(ge=0, le=300)] = 5.0
     qemu_binary: str = "qemu-system-x86_64"

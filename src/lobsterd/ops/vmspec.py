@@ -56,7 +56,7 @@ def build_vm_spec(
         run_dir=rt.vm_run_dir(cfg, tenant.name),
         cgroup=cgroup_name(tenant.name),
         cgroup_mem_bytes=(mem_mib + cfg.vm.cgroup_mem_overhead_mib) * 1024 * 1024,
-        cgroup_cpu_quota_us=vcpus * 100_000,
+        cgroup_cpu_quota_us=vcpus * 100_000 + cfg.vm.cgroup_cpu_overhead_pct * 1_000,
         accel=accel,
         debug_console=cfg.vm.debug_console,
         disk_limit=disk,
