@@ -80,7 +80,7 @@ def spawn(
         }
         tenant = host.registry.reserve(name, cfg.vm.vmm, spec)
         runner = StepRunner(progress=progress, fault_after=fault_after)
-        runner._undo.append(("registry", lambda: host.registry.delete(name)))
+        runner.on_rollback("registry", lambda: host.registry.delete(name))
         try:
             accel, tenant = _run_steps(host, runner, tenant, image)
         except BaseException as exc:

@@ -65,6 +65,10 @@ class StepRunner:
             raise InjectedFault(f"fault injected after step {name}")
         return result
 
+    def on_rollback(self, name: str, undo: Callable[[], None]) -> None:
+        """Register an undo for something done before the first step (e.g. a reservation)."""
+        self._undo.append((name, undo))
+
     def rollback(self) -> tuple[int, int]:
         """Run pushed undos in reverse; returns (succeeded, total)."""
         total = len(self._undo)
