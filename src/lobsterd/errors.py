@@ -142,6 +142,13 @@ class CaError(LobsterError):
     code = "CA_ERROR"
 
 
+class EvictIncomplete(LobsterError):
+    """Some of a tenant's resources could not be removed; the tenant stays registered
+    (status ``removing``) so that a retry can finish the job."""
+
+    code = "EVICT_INCOMPLETE"
+
+
 class StorageError(LobsterError):
     code = "STORAGE_ERROR"
 

@@ -98,10 +98,10 @@ def evict_cmd(state: CliState, name: str, yes: bool, as_json: bool) -> None:
         return
     report = evict(host, name, progress=progress_printer(as_json))
     if as_json:
-        emit_json({"name": name, "evicted": True, "problems": report.problems})
+        emit_json({"name": name, "evicted": True, "warnings": report.warnings})
         return
-    for p in report.problems:
-        click.echo(f"  warning: {p}", err=True)
+    for w in report.warnings:
+        click.echo(f"  warning: {w}", err=True)
     click.echo(f'Tenant "{name}" evicted.')
 
 

@@ -11,7 +11,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from lobsterd.core.lifecycle import Status
-from lobsterd.errors import LobsterError
+from lobsterd.errors import EvictIncomplete, LobsterError
 from lobsterd.ops import tenant_runtime as rt
 from lobsterd.ops.host import Host
 from lobsterd.ops.locks import tenant_lock
@@ -22,6 +22,9 @@ from lobsterd.registry import Tenant
 @dataclass
 class TeardownReport:
     problems: list[str] = field(default_factory=list)
+    # Problems that do not strand anything: Caddy routes of a tenant that is no longer
+    # registered are removed by the next route reconcile (init, the Caddy watcher).
+    warnings: list[str] = field(default_factory=list)
 
 
 def evict(host: Host, name: str, *, progress: Progress = no_progress) -> TeardownReport:
@@ -30,10 +33,18 @@ def evict(host: Host, name: str, *, progress: Progress = no_progress) -> Teardow
         if tenant.status is not Status.REMOVING:
             tenant = host.registry.transition(name, Status.REMOVING)
         report = teardown(host, tenant, progress=progress)
+        if report.problems:
+            # Keep the row (and the agent token): the next evict retries what is left.
+            host.record("evict", tenant=name, outcome="error", error_code=EvictIncomplete.code,
+                        details={"problems": report.problems})
+            raise EvictIncomplete(
+                f'could not remove everything of tenant "{name}": ' + "; ".join(report.problems),
+                hint=f"fix the cause and run: lobsterd evict {name} --yes",
+            )
         host.secrets.drop_tenant(name)
         host.registry.delete(name)
-    host.record("evict", tenant=name, outcome="ok" if not report.problems else "error",
-                details={"problems": report.problems} if report.problems else None)
+    host.record("evict", tenant=name, outcome="ok",
+                details={"warnings": report.warnings} if report.warnings else None)
     return report
 
 
@@ -46,14 +57,15 @@ def teardown(host: Host, tenant: Tenant, *, progress: Progress = no_progress) ->
     cfg = host.cfg
     report = TeardownReport()
 
-    def attempt(step: str, detail: str, fn: object) -> None:
+    def attempt(step: str, detail: str, fn: object, *, strands: bool = True) -> None:
         progress(step, detail, None)
         try:
             fn()  # type: ignore[operator]
         except (LobsterError, OSError) as exc:
-            report.problems.append(f"{step}: {exc}")
+            (report.problems if strands else report.warnings).append(f"{step}: {exc}")
 
-    attempt("caddy", "removing routes", lambda: host.caddy.delete_tenant_routes(tenant.name))
+    attempt("caddy", "removing routes", lambda: host.caddy.delete_tenant_routes(tenant.name),
+            strands=False)
 
     def stop_vm() -> None:
         vm = tenant.runtime.get("vm")
