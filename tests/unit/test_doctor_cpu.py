@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from datetime import date
-from pathlib import Path
-
 import pytest
 
 from lobsterd.doctor.checks_cpu import (
@@ -21,18 +17,6 @@ from lobsterd.doctor.checks_cpu import (
 )
 from lobsterd.doctor.faketree import FakeTree
 from lobsterd.doctor.model import DoctorContext, Persist, RunCommand, SetValue, Status
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> FakeTree:
-    return FakeTree(tmp_path / "root").hardened()
-
-
-@pytest.fixture
-def ctx() -> DoctorContext:
-    return DoctorContext(trusted_uid=os.getuid(), trusted_gid=os.getgid(),
-                         today=date(2026, 12, 3))
-
 
 CPU = "/sys/devices/system/cpu"
 

@@ -35,11 +35,6 @@ TODAY = date(2026, 12, 3)
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> FakeTree:
-    return FakeTree(tmp_path / "root").hardened()
-
-
-@pytest.fixture
 def cfg(tmp_path: Path) -> Config:
     return make_config(tmp_path / "cfgroot", network={"max_tenants": 10, "conn_limit": 1000})
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from datetime import date
-from pathlib import Path
 
 import pytest
 
@@ -29,18 +27,6 @@ from lobsterd.doctor.model import (
     Status,
     TenantVm,
 )
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> FakeTree:
-    return FakeTree(tmp_path / "root").hardened()
-
-
-@pytest.fixture
-def ctx() -> DoctorContext:
-    return DoctorContext(trusted_uid=os.getuid(), trusted_gid=os.getgid(),
-                         today=date(2026, 12, 3))
-
 
 # ---- kvm usable ---------------------------------------------------------------------------
 

