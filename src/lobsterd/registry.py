@@ -187,9 +187,6 @@ class Registry:
             raise TenantNotFound(f'tenant "{name}" not found', hint="lobsterd tank lists tenants")
         return tenant
 
-    def addresses(self, slot: int) -> alloc.SlotAddresses:
-        return alloc.slot_addresses(self._pool, slot)
-
     # -- writes --------------------------------------------------------------------
 
     def reserve(self, name: str, vmm: str, spec: dict[str, Any]) -> Tenant:

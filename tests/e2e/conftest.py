@@ -36,7 +36,7 @@ def e2e_config(root: Path, pool: str) -> Config:
 
 
 @pytest.fixture(scope="session")
-def e2e_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def e2e_root() -> Iterator[Path]:
     need_root()
     need_binary("qemu-system-x86_64", "caddy", "nft", "mkfs.ext4")
     # Caddy runs as its own user and must traverse to its config: not under pytest's

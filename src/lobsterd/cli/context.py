@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +52,3 @@ def require_root() -> None:
     if os.geteuid() != 0:
         raise NotRoot("lobsterd must run as root for this command", hint="use sudo")
 
-
-def is_tty() -> bool:
-    return sys.stdout.isatty()
