@@ -228,12 +228,7 @@ def check_itlb_multihit(  # noqa: PLR0911 - a decision table
     if low.startswith("not affected"):
         if nx is None or nx.upper() in {"N", "NEVER", "OFF"}:
             return CheckResult("itlb_multihit", title, Status.PASS, ev)
-        actions: list[SetValue | Persist] = []
-        runtime = host.owner_writable(NX_HUGE_PAGES)
-        if runtime:
-            actions.append(SetValue(NX_HUGE_PAGES, "never"))
-        if loadable:
-            actions.append(Persist(PersistKind.MODPROBE, "kvm.nx_huge_pages", "never"))
+        runtime, actions = _nx_huge_pages_actions(host, loadable, "never")
         return CheckResult(
             "itlb_multihit", title, Status.WARN,
             ev + " (CPU not affected, yet KVM splits huge pages and slows KVM_CREATE_VM)",
@@ -241,20 +236,15 @@ def check_itlb_multihit(  # noqa: PLR0911 - a decision table
             + ("options kvm nx_huge_pages=never in /etc/modprobe.d/lobsterd-kvm.conf"
                if loadable else "add kvm.nx_huge_pages=never to the kernel command line"),
             fixable_at_runtime=runtime, needs_reboot=not runtime,
-            actions=tuple(actions))
+            actions=actions)
     if low.startswith("vulnerable") or "kvm: vulnerable" in low:
-        runtime = host.owner_writable(NX_HUGE_PAGES)
-        acts: list[SetValue | Persist] = []
-        if runtime:
-            acts.append(SetValue(NX_HUGE_PAGES, "force"))
-        if loadable:
-            acts.append(Persist(PersistKind.MODPROBE, "kvm.nx_huge_pages", "force"))
+        runtime, acts = _nx_huge_pages_actions(host, loadable, "force")
         return CheckResult(
             "itlb_multihit", title, Status.FAIL,
             ev + " (a guest can machine-check the host)",
             fix=("echo force > " + NX_HUGE_PAGES + "; " if runtime else "")
             + "set kvm.nx_huge_pages=force (modprobe option or kernel command line)",
-            fixable_at_runtime=runtime, needs_reboot=not runtime, actions=tuple(acts))
+            fixable_at_runtime=runtime, needs_reboot=not runtime, actions=acts)
     # Affected and mitigated: make VM creation fast again.
     v2 = cgroup2_mount(host)
     if is_unified(host) and v2 is not None:
@@ -277,6 +267,19 @@ def check_itlb_multihit(  # noqa: PLR0911 - a decision table
         "Linux >= 6.1)",
         fix="add cgroup_favordynmods=true to the kernel command line and reboot",
         needs_reboot=True)
+
+
+def _nx_huge_pages_actions(
+    host: HostView, loadable: bool, value: str
+) -> tuple[bool, tuple[SetValue | Persist, ...]]:
+    """Set kvm.nx_huge_pages now (when writable) and persist it (when kvm is a module)."""
+    runtime = host.owner_writable(NX_HUGE_PAGES)
+    actions: list[SetValue | Persist] = []
+    if runtime:
+        actions.append(SetValue(NX_HUGE_PAGES, value))
+    if loadable:
+        actions.append(Persist(PersistKind.MODPROBE, "kvm.nx_huge_pages", value))
+    return runtime, tuple(actions)
 
 
 def check_edac(host: HostView, ctx: DoctorContext) -> CheckResult:
