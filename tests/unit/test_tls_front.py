@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -159,18 +160,16 @@ def echo() -> Iterator[Echo]:
         e.stop()
 
 
+def _new_front(pki: Pki, upstream_port: int, **kw: Any) -> TlsFront:
+    """A front on 127.0.0.1 (any port) for ``upstream_port``, with the test PKI; not
+    started."""
+    return TlsFront("127.0.0.1", 0, "127.0.0.1", upstream_port, pki.server_cert,
+                    pki.server_key, pki.ca.ca_pem(), **kw)
+
+
 @pytest.fixture
 def front(pki: Pki, echo: Echo) -> Iterator[TlsFront]:
-    f = TlsFront(
-        "127.0.0.1",
-        0,
-        "127.0.0.1",
-        echo.port,
-        pki.server_cert,
-        pki.server_key,
-        pki.ca.ca_pem(),
-        handshake_timeout_s=1.0,
-    )
+    f = _new_front(pki, echo.port, handshake_timeout_s=1.0)
     f.start()
     try:
         yield f
@@ -294,8 +293,7 @@ def test_key_material_does_not_linger_on_disk(pki: Pki, tmp_path: Path) -> None:
 def test_large_bidirectional_stream(pki: Pki, echo: Echo) -> None:
     # Its own front with a generous handshake limit: the shared fixture's 1 s limit (which
     # the timeout tests rely on) can be missed on a busy 2-core machine.
-    front = TlsFront("127.0.0.1", 0, "127.0.0.1", echo.port, pki.server_cert, pki.server_key,
-                     pki.ca.ca_pem(), handshake_timeout_s=15.0)
+    front = _new_front(pki, echo.port, handshake_timeout_s=15.0)
     front.start()
     try:
         _stream_through(front, pki)
@@ -346,9 +344,7 @@ def test_upstream_close_ends_the_client_connection(pki: Pki) -> None:
             c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbye")
 
     threading.Thread(target=serve, daemon=True).start()
-    f = TlsFront(
-        "127.0.0.1", 0, "127.0.0.1", port, pki.server_cert, pki.server_key, pki.ca.ca_pem()
-    )
+    f = _new_front(pki, port)
     f.start()
     try:
         with _connect(f, _client_ctx(pki, pki.client_cert, pki.client_key)) as tls:
@@ -369,9 +365,7 @@ def test_upstream_down_closes_the_client(pki: Pki) -> None:
     dead = socket.create_server(("127.0.0.1", 0))
     port = dead.getsockname()[1]
     dead.close()
-    f = TlsFront(
-        "127.0.0.1", 0, "127.0.0.1", port, pki.server_cert, pki.server_key, pki.ca.ca_pem()
-    )
+    f = _new_front(pki, port)
     f.start()
     try:
         assert _refused(f, _client_ctx(pki, pki.client_cert, pki.client_key))
@@ -404,16 +398,7 @@ def test_bad_reload_keeps_the_old_material(front: TlsFront, pki: Pki) -> None:
 
 
 def test_connection_limit(pki: Pki, echo: Echo) -> None:
-    f = TlsFront(
-        "127.0.0.1",
-        0,
-        "127.0.0.1",
-        echo.port,
-        pki.server_cert,
-        pki.server_key,
-        pki.ca.ca_pem(),
-        max_connections=2,
-    )
+    f = _new_front(pki, echo.port, max_connections=2)
     f.start()
     ctx = _client_ctx(pki, pki.client_cert, pki.client_key)
     try:
@@ -478,9 +463,7 @@ def test_a_trickling_handshake_is_cut_at_the_deadline(front: TlsFront) -> None:
 
 
 def test_stop_closes_live_connections_and_the_port(pki: Pki, echo: Echo) -> None:
-    f = TlsFront(
-        "127.0.0.1", 0, "127.0.0.1", echo.port, pki.server_cert, pki.server_key, pki.ca.ca_pem()
-    )
+    f = _new_front(pki, echo.port)
     f.start()
     ctx = _client_ctx(pki, pki.client_cert, pki.client_key)
     with _connect(f, ctx) as tls:
